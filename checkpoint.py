@@ -1,0 +1,93 @@
+"""Checkpoint files: atomic save, newest-complete lookup, and building a SiT for sampling.
+
+A training checkpoint (RUN/checkpoints/NNNNNNN.pt) is a dict with
+    model, ema            SiT state dicts (online and EMA weights), no training-only heads
+    regulariser           state dict of the regulariser (e.g. the Repulsor head); {} if none
+    bank                  memory-bank state ({} if none)
+    opt, scaler           optimizer and grad-scaler state
+    step                  number of optimizer steps done
+    rng                   list with every rank's RNG states
+    args                  the full training configuration (dict)
+    model_config          SiTConfig as a dict
+    data                  the data manifest fields sampling needs (vae, latent scale/shift, shape, classes)
+so `sample_ddp.py --ckpt PATH` needs no other flag.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Any
+
+import torch
+
+from models.sit import SiT, SiTConfig, build_sit, load_sit_state_dict
+
+CKPT_PATTERN = re.compile(r"^(\d{7,})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """Missing, incomplete or incompatible checkpoint; the message says what to do."""
+
+
+def save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves a partial file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(ckpt_dir: str) -> str | None:
+    """Newest complete checkpoint (by step) in a directory; temporary files are ignored."""
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(ckpt_dir, "*.pt"))
+             if (m := CKPT_PATTERN.match(os.path.basename(p)))]
+    return max(found)[1] if found else None
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist: pass the path of a .pt file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated / not a torch file
+        raise CheckpointError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: {e}): "
+                              "it is corrupt or not a torch checkpoint") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path!r} holds a {type(ckpt).__name__}, not a dict of weights")
+    return ckpt
+
+
+def model_from_checkpoint(
+    ckpt: dict[str, Any], weights: str = "ema", config_overrides: dict[str, Any] | None = None, log=print
+) -> SiT:
+    """Build the plain SiT a checkpoint describes and load its `weights` ("ema" or "model").
+
+    Our checkpoints carry their model_config. A foreign (e.g. REPA-released) checkpoint has no
+    config: pass config_overrides with at least `model` (a SiT_models name) and num_classes.
+    A bare state dict (REPA's released last.pt) is accepted as the weights themselves.
+    """
+    overrides = dict(config_overrides or {})
+    if weights in ckpt:
+        state = ckpt[weights]
+    elif "pos_embed" in ckpt or "x_embedder.proj.weight" in ckpt:
+        state = ckpt  # a bare state dict
+    else:
+        raise CheckpointError(f"checkpoint has no {weights!r} weights (keys: {', '.join(sorted(ckpt)[:8])})")
+    if "model_config" in ckpt:
+        fields = dict(ckpt["model_config"])
+        name = overrides.pop("model", None)
+        if name is not None:
+            log(f"--model {name} ignored: the checkpoint carries its own model config")
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        model = SiT(SiTConfig(**fields))
+    else:
+        if overrides.get("model") is None:
+            raise CheckpointError("checkpoint has no model_config (not written by train.py): pass --model, "
+                                  "e.g. --model SiT-XL/2, to say what it holds")
+        model = build_sit(overrides.pop("model"), **overrides)
+    load_sit_state_dict(model, state, log=log)
+    return model
