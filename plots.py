@@ -1,0 +1,52 @@
+"""PNG plots: training loss curves and FID-versus-step curves (matplotlib, no display)."""
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(metrics_path: str, out_path: str) -> str | None:
+    """Velocity / total loss (and the regulariser term, on its own axis) against step."""
+    if not os.path.isfile(metrics_path):
+        return None
+    rows = read_jsonl(metrics_path)
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    has_reg = "reg" in rows[0]
+    fig, axes = plt.subplots(1, 2 if has_reg else 1, figsize=(10 if has_reg else 5.5, 3.8), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(steps, [r["velocity"] for r in rows], label="velocity loss")
+    if has_reg:
+        ax.plot(steps, [r["loss"] for r in rows], label="total loss", alpha=0.7)
+        axes[0, 1].plot(steps, [r.get("reg", float("nan")) for r in rows], color="tab:red")
+        axes[0, 1].set(xlabel="step", ylabel="regulariser", title="regulariser term")
+    ax.set(xlabel="step", ylabel="loss", title="training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def plot_fid_curves(curves: dict[str, tuple[list[int], list[float]]], out_path: str, title: str = "FID vs step") -> str:
+    """One line per run: {label: (steps, fids)}."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, (steps, fids) in curves.items():
+        ax.plot(steps, fids, marker="o", label=label)
+    ax.set(xlabel="training step", ylabel="FID", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
