@@ -52,7 +52,8 @@ def sample_time(n: int, time_sampling: str, device: torch.device | str, generato
 def interpolate(path_type: str, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, velocity target) for data x, noise and per-sample t (shape B)."""
     shape = (-1,) + (1,) * (x.dim() - 1)
-    alpha, sigma, d_alpha, d_sigma = (c.view(shape) for c in path_coefficients(path_type, t.float()))
+    t = t if t.dtype == torch.float64 else t.float()  # float64 stays float64 (samplers), else fp32
+    alpha, sigma, d_alpha, d_sigma = (c.view(shape) for c in path_coefficients(path_type, t))
     return alpha * x + sigma * noise, d_alpha * x + d_sigma * noise
 
 

@@ -312,7 +312,10 @@ def main(args: argparse.Namespace) -> None:
     sampler = DistributedEpochSampler(len(dataset), args.global_batch_size, world, rank, args.seed)
     local_batch = micro_batch * args.grad_accum_steps
     loader_kwargs = dict(batch_size=local_batch, drop_last=True, num_workers=args.num_workers,
-                         pin_memory=device.type == "cuda", persistent_workers=False)
+                         pin_memory=device.type == "cuda", persistent_workers=False,
+                         # Own generator: a new loader iterator must not draw from the global RNG,
+                         # or a resumed run (which starts one mid-epoch) would diverge.
+                         generator=torch.Generator().manual_seed(args.seed))
     grid_fn = make_sample_grid_fn(args, ema, manifest, run_dir, device) if (args.sample_every and info.is_main) else None
 
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
@@ -351,6 +354,7 @@ def main(args: argparse.Namespace) -> None:
             if is_dist():
                 dist.all_reduce(check)
             if not torch.isfinite(check[0]):
+                pbar.close()
                 raise TrainError(f"loss is {check[0].item()} at step {step + 1}: stopping; the last good "
                                  f"checkpoint in {ckpt_dir} is untouched (lower --lr, or try --mixed-precision no)")
             scaler.step(opt)

@@ -1,0 +1,486 @@
+"""Samplers for SiT velocity models, and the pieces every sampling entry point shares.
+
+- `sample`: Euler / Heun probability-flow ODE and the Euler-Maruyama SDE in the REPA form,
+  classifier-free guidance on all channels with a guidance interval in t.
+- `make_inputs`: per-image noise, labels and SDE generators from (seed, image index), so a
+  sample set does not depend on how images are split over ranks and batches.
+- `decode`, `to_uint8`, `load_vae`, `save_grid`: latents -> pixels -> uint8 images -> PNG grid.
+- `setup_from_checkpoint` / `generate`: everything needed to go from a checkpoint to images,
+  shared by sample_ddp.py and train.py's `--sample-every` grids.
+
+Conventions (as models/sit.py): t = 0 is data, t = 1 is noise, x_t = alpha_t x + sigma_t eps and
+the model predicts v = d/dt x_t = alpha'_t x + sigma'_t eps.
+  linear: alpha = 1 - t,          sigma = t
+  cosine: alpha = cos(pi t / 2),  sigma = sin(pi t / 2)
+
+Score from velocity. Eliminating x from (x_t, v):  v = (alpha'/alpha) x_t + (sigma' - alpha' sigma/alpha) eps, so
+    eps_hat = (alpha v - alpha' x_t) / (alpha sigma' - alpha' sigma),   score = -eps_hat / sigma.
+The denominator is 1 for the linear path and pi/2 for the cosine path (never zero).
+
+SDE (REPA form). For any w(t) >= 0 the reverse-time SDE
+    dx = [v - w/2 * score] dt + sqrt(w) dW      (dt < 0, from t = 1 to 0)
+has the same marginals as the ODE dx = v dt. REPA uses w(t) = 2t, the grid linspace(1, 0.04, N)
+followed by 0, and a deterministic last step (the drift at t = 0.04 only, no noise), which
+avoids evaluating the score at sigma = 0.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+PATH_TYPES = ("linear", "cosine")
+MODES = ("ode", "sde")
+DEFAULT_STEPS = {"ode": 50, "sde": 250}  # REPA's defaults: 50-step ODE, 250-step SDE for FID
+SDE_LAST_T = 0.04  # REPA's SDE grid ends at 0.04, then one deterministic step to 0
+
+# A checkpoint without a data manifest (e.g. REPA's released SiT-XL/2) was trained on SD-VAE latents
+# of 256 px ImageNet with the usual 0.18215 scale and no shift, as in REPA's own sampler.
+FOREIGN_DATA_DEFAULTS = dict(vae="stabilityai/sd-vae-ft-ema", latent_scale=0.18215, latent_shift=0.0)
+
+
+class SampleError(ValueError):
+    """A one-line, user-facing sampling error (bad flag, unusable checkpoint, VAE or output)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths and the score
+
+
+def path_coefficients(t: float, path_type: str) -> tuple[float, float, float, float]:
+    """(alpha_t, sigma_t, d alpha/dt, d sigma/dt) of the interpolant x_t = alpha_t x + sigma_t eps."""
+    if path_type == "linear":
+        return 1.0 - t, t, -1.0, 1.0
+    if path_type == "cosine":
+        h = math.pi / 2
+        return math.cos(h * t), math.sin(h * t), -h * math.sin(h * t), h * math.cos(h * t)
+    raise SampleError(f"unknown path type {path_type!r}; choose one of {', '.join(PATH_TYPES)}")
+
+
+def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: float, path_type: str = "linear") -> torch.Tensor:
+    """Score grad log p_t(x) implied by the velocity v at (x, t); t must be > 0 (sigma_t > 0)."""
+    alpha, sigma, d_alpha, d_sigma = path_coefficients(t, path_type)
+    eps_hat = (alpha * v - d_alpha * x) / (alpha * d_sigma - d_alpha * sigma)
+    return -eps_hat / sigma
+
+
+def time_grid(mode: str, num_steps: int) -> list[float]:
+    """The float64 time points from 1 to 0 (num_steps + 1 of them) as Python floats."""
+    if mode == "ode":
+        grid = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    else:
+        grid = torch.cat([torch.linspace(1.0, SDE_LAST_T, num_steps, dtype=torch.float64),
+                          torch.zeros(1, dtype=torch.float64)])
+    return grid.tolist()
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def _null_class(model: nn.Module) -> int:
+    inner = getattr(model, "module", model)  # DDP / compiled wrappers
+    inner = getattr(inner, "_orig_mod", inner)
+    config = getattr(inner, "config", None)
+    if config is not None and hasattr(config, "num_classes"):
+        return int(config.num_classes)
+    raise SampleError("cannot tell the model's null class for guidance: pass null_class")
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mode: str = "ode",
+    num_steps: int | None = None,
+    heun: bool = False,
+    cfg_scale: float = 1.0,
+    guidance_low: float = 0.0,
+    guidance_high: float = 1.0,
+    path_type: str = "linear",
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    null_class: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Integrate from noise (t = 1) to data (t = 0) and return the t = 0 sample in fp32.
+
+    mode "ode": Euler, or Heun with `heun=True` (last step Euler, as EDM/REPA: NFE = 2N - 1).
+    mode "sde": Euler-Maruyama, REPA form (module docstring); num_steps model evaluations.
+    num_steps None = 250 for the SDE, 50 for the ODE.
+    Guidance: v = v_u + cfg_scale (v_c - v_u) on every channel, only at evaluation times t with
+    guidance_low <= t <= guidance_high; cfg_scale == 1 never runs the unconditional pass. Both
+    halves go through one batched forward. null_class defaults to model.config.num_classes.
+    generator (SDE noise): one generator for the batch, or one per image, which makes every
+    image's noise independent of the batch it is in (what sample_ddp.py relies on).
+    The time grid and the state are float64; the model sees inputs in its own dtype (optionally
+    under autocast_dtype autocast). The model is put in eval mode for the call (label dropout off).
+    """
+    if mode not in MODES:
+        raise SampleError(f"unknown sampling mode {mode!r}; choose one of {', '.join(MODES)}")
+    if heun and mode != "ode":
+        raise SampleError("--heun applies to the ODE sampler only (the REPA SDE is Euler-Maruyama)")
+    num_steps = DEFAULT_STEPS[mode] if num_steps is None else int(num_steps)
+    if num_steps < 1:
+        raise SampleError(f"the number of steps must be at least 1, got {num_steps}")
+    if not guidance_low <= guidance_high:
+        raise SampleError(f"guidance interval [{guidance_low}, {guidance_high}] is empty: low must be <= high")
+    path_coefficients(0.5, path_type)  # validates path_type
+    if noise.ndim != 4 or labels.shape != (noise.shape[0],):
+        raise SampleError(f"noise must be B x C x H x W and labels B, got {tuple(noise.shape)} and {tuple(labels.shape)}")
+    batch, device = noise.shape[0], noise.device
+    per_image = generator is not None and not isinstance(generator, torch.Generator)
+    if per_image and len(generator) != batch:
+        raise SampleError(f"{len(generator)} per-image generators for a batch of {batch}")
+    use_cfg = cfg_scale != 1.0
+    if use_cfg:
+        null = _null_class(model) if null_class is None else int(null_class)
+        labels_cfg = torch.cat([labels, torch.full_like(labels, null)])
+
+    dtype = _model_dtype(model)
+    t_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # SiT embeds t in fp32 anyway
+
+    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+        guided = use_cfg and guidance_low <= t <= guidance_high
+        x_in, y_in = (torch.cat([x, x]), labels_cfg) if guided else (x, labels)
+        t_in = torch.full((x_in.shape[0],), t, dtype=t_dtype, device=device)
+        if autocast_dtype is not None:
+            with torch.autocast(device_type=device.type, dtype=autocast_dtype):
+                out = model(x_in.to(dtype), t_in, y_in)
+        else:
+            out = model(x_in.to(dtype), t_in, y_in)
+        out = out.to(torch.float64)
+        if not guided:
+            return out
+        cond, uncond = out.chunk(2)
+        return uncond + cfg_scale * (cond - uncond)  # all channels (DiT/SiT guided only 3 of 4)
+
+    def sde_noise() -> torch.Tensor:
+        shape = tuple(noise.shape)
+        if per_image:  # drawn on each generator's device (CPU in sample_ddp: same set on any device)
+            z = torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator])
+        elif generator is not None:
+            z = torch.randn(shape, generator=generator, device=generator.device)
+        else:
+            z = torch.randn(shape, device=device)
+        return z.to(device=device, dtype=torch.float64)
+
+    was_training = model.training
+    model.eval()
+    try:
+        x = noise.to(torch.float64)
+        ts = time_grid(mode, num_steps)
+        for i in range(num_steps):
+            t, t_next = ts[i], ts[i + 1]
+            dt = t_next - t  # negative
+            v = velocity(x, t)
+            if mode == "ode":
+                x_next = x + dt * v
+                if heun and i < num_steps - 1:
+                    # Trapezoidal correction; guidance is decided by the time of each evaluation,
+                    # so the integrated field is the same piecewise field the Euler sampler sees.
+                    x_next = x + dt * 0.5 * (v + velocity(x_next, t_next))
+                x = x_next
+            else:
+                w = 2.0 * t  # REPA's diffusion coefficient w(t) = 2t
+                drift = v - 0.5 * w * score_from_velocity(v, x, t, path_type)
+                x = x + dt * drift
+                if i < num_steps - 1:  # the last step (0.04 -> 0) is the deterministic mean
+                    x = x + math.sqrt(w * -dt) * sde_noise()
+        return x.to(torch.float32)
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-image inputs
+
+
+def image_seed(seed: int, index: int) -> int:
+    """64-bit seed of image `index` in a set made with `seed`.
+
+    numpy's SeedSequence hashes the pair (documented algorithm, stable across versions), so no two
+    (seed, index) pairs share a stream, unlike seed * K + index, which collides once index >= K.
+    """
+    if seed < 0 or index < 0:
+        raise SampleError(f"seed and image index must be >= 0, got {seed} and {index}")
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
+
+
+def class_balanced_label(index: int, num_classes: int) -> int:
+    """Label of image `index` in a class-balanced set: classes in order 0, 1, ..., K-1, 0, 1, ...
+    so any prefix of the set is balanced too, and N divisible by K gives exactly N / K per class."""
+    return index % num_classes
+
+
+def make_inputs(
+    indices: Sequence[int],
+    *,
+    seed: int,
+    latent_shape: Sequence[int],
+    num_classes: int,
+    class_balanced: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Generator]]:
+    """Noise (B x C x H x W fp32, CPU), labels (B, int64) and per-image CPU generators for SDE noise.
+
+    Image i owns the CPU generator seeded with image_seed(seed, i). From it, in this order: the
+    initial noise (C x H x W standard normal, fp32), one label draw (always made, used only when
+    class_balanced is False, so the SDE stream that follows is the same either way), then,
+    inside `sample`, the SDE noise of every step.
+    """
+    noises, labels, gens = [], [], []
+    for i in indices:
+        g = torch.Generator(device="cpu").manual_seed(image_seed(seed, int(i)))
+        noises.append(torch.randn(tuple(latent_shape), generator=g))
+        drawn = int(torch.randint(num_classes, (1,), generator=g))
+        labels.append(class_balanced_label(int(i), num_classes) if class_balanced else drawn)
+        gens.append(g)
+    return torch.stack(noises), torch.tensor(labels, dtype=torch.int64), gens
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixels
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with a separator is meant as a local path.
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or os.path.exists(name)
+
+
+def load_vae(vae: str | None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """A diffusers AutoencoderKL in eval mode, or None for pixel space (vae None or "none").
+
+    `vae` is a local directory (a VAE, or a pipeline with a vae/ subfolder) or a hub id such as
+    stabilityai/sd-vae-ft-ema (needs network access or the local hub cache).
+    """
+    if vae is None or vae.lower() == "none":
+        return None
+    from diffusers import AutoencoderKL  # imported lazily: diffusers takes seconds to import
+
+    if _looks_like_path(vae):
+        path = os.path.expanduser(vae)
+        if not os.path.isdir(path):
+            raise SampleError(f"VAE directory {vae!r} does not exist: pass --vae with a diffusers "
+                              "AutoencoderKL directory, a hub id, or none for pixel space")
+        sub = "vae" if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
+            os.path.join(path, "vae")) else None
+        try:
+            model = AutoencoderKL.from_pretrained(path, subfolder=sub)
+        except Exception as e:
+            raise SampleError(f"cannot load a diffusers AutoencoderKL from {vae!r} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    else:
+        try:
+            model = AutoencoderKL.from_pretrained(vae)
+        except Exception as e:
+            raise SampleError(f"cannot load VAE {vae!r} from the Hugging Face hub ({type(e).__name__}); "
+                              "without network access download it elsewhere and pass --vae /local/dir") from None
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def decode(z: torch.Tensor, vae: Any | None, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Model latents -> pixels in about [-1, 1]: raw = z / scale + shift (the manifest convention,
+    per channel), then the VAE decoder; pixel-space models (vae None) return raw directly."""
+    raw = z / scale.to(z.device, z.dtype) + shift.to(z.device, z.dtype)
+    if vae is None:
+        return raw
+    return vae.decode(raw.to(vae.dtype)).sample
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """B x C x H x W pixels in [-1, 1] -> N x H x W x 3 uint8 (1-channel images repeated 3 times).
+
+    uint8 = clamp(round(127.5 x + 127.5), 0, 255): round to nearest maps [-1, 1] onto 0..255 with
+    zero mean error. DiT/REPA's clamp(127.5 x + 128).to(uint8) is the same map except at exact ties;
+    ADM's truncating (x + 1) * 127.5 cast darkens every pixel by 0.5 level on average. The
+    arithmetic is float64, where 127.5 x + 127.5 is exact for fp32 x, so the result cannot depend
+    on anything but the value of x.
+    """
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise SampleError(f"expected B x 1 x H x W or B x 3 x H x W pixels, got {tuple(x.shape)}")
+    x = x.detach().to("cpu", torch.float64)
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise SampleError(f"{bad} decoded pixel values are NaN or infinite (try --precision fp32)")
+    u = torch.round(x * 127.5 + 127.5).clamp_(0, 255).to(torch.uint8)
+    if u.shape[1] == 1:
+        u = u.expand(-1, 3, -1, -1)
+    return u.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def save_grid(images: np.ndarray, path: str, nrow: int | None = None, pad: int = 2) -> None:
+    """Tile N x H x W x 3 uint8 images into one PNG (nrow per row, default ceil(sqrt(N))), atomically."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(images) == 0:
+        raise SampleError(f"save_grid needs a non-empty N x H x W x 3 uint8 array, got {images.shape} {images.dtype}")
+    n, h, w, _ = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    canvas = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), dtype=np.uint8)
+    for k, img in enumerate(images):
+        r, c = divmod(k, nrow)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    Image.fromarray(canvas).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# From a checkpoint to images
+
+
+@dataclass
+class SamplingSetup:
+    """Everything sampling needs besides the sampler settings (see setup_from_checkpoint)."""
+
+    model: nn.Module
+    vae: str                      # hub id or local path; "none" = pixel space
+    scale: torch.Tensor           # C x 1 x 1 latent scale (decode: raw = z / scale + shift)
+    shift: torch.Tensor           # C x 1 x 1 latent shift
+    num_classes: int
+    path_type: str
+    latent_shape: tuple[int, int, int]
+    class_names: list[str] | None = None
+    step: int | None = None
+    notes: list[str] = field(default_factory=list)  # assumptions made for foreign checkpoints
+
+
+def _as_dict(args: Any) -> dict:
+    if isinstance(args, argparse.Namespace):  # REPA stores its argparse namespace
+        return vars(args)
+    return dict(args) if isinstance(args, dict) else {}
+
+
+def setup_from_checkpoint(
+    ckpt: dict[str, Any],
+    *,
+    weights: str = "ema",
+    config_overrides: dict[str, Any] | None = None,
+    path_type: str | None = None,
+    log: Callable[[str], Any] = print,
+) -> SamplingSetup:
+    """Build the model (eval mode, no grad, CPU) and read latent scale/shift, VAE, classes and path.
+
+    Our checkpoints carry model_config, data (the manifest subset) and args. A foreign checkpoint
+    (a bare REPA state dict, or a REPA training checkpoint) needs config_overrides with at least
+    `model` (a SiT_models name) unless its args name the model; its data is assumed to be SD-VAE
+    latents (FOREIGN_DATA_DEFAULTS) and its path linear unless path_type is given.
+    """
+    from checkpoint import model_from_checkpoint
+    from dataset import latent_scale_shift
+    from models.sit import SiT_models
+
+    args = _as_dict(ckpt.get("args"))
+    overrides = {k: v for k, v in (config_overrides or {}).items() if v is not None}
+    notes: list[str] = []
+    if "model_config" not in ckpt and overrides.get("model") is None and args.get("model") in SiT_models:
+        # A REPA training checkpoint: its args say which SiT it is.
+        overrides["model"] = args["model"]
+        for key in ("num_classes", "qk_norm"):
+            if key in args and key not in overrides:
+                overrides[key] = args[key]
+        if "resolution" in args and "input_size" not in overrides:
+            overrides["input_size"] = int(args["resolution"]) // 8
+        notes.append(f"model {args['model']} taken from the checkpoint's args")
+    try:
+        model = model_from_checkpoint(ckpt, weights=weights, config_overrides=overrides, log=log)
+    except TypeError as e:  # unknown SiTConfig field in a model_config
+        raise SampleError(f"checkpoint model_config does not fit this SiT ({e})") from None
+    except ValueError as e:  # CheckpointError or a key / shape mismatch from load_sit_state_dict
+        raise SampleError(f"incompatible checkpoint: {e}") from None
+    model.eval().requires_grad_(False)
+    cfg = model.config
+    model_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+
+    data = ckpt.get("data")
+    if data:
+        shape = tuple(int(s) for s in data.get("latent_shape", model_shape))
+        if shape != model_shape:
+            raise SampleError(f"checkpoint data has latent shape {list(shape)} but the model takes "
+                              f"{list(model_shape)}: the checkpoint is inconsistent")
+        if "num_classes" in data and int(data["num_classes"]) != cfg.num_classes:
+            raise SampleError(f"checkpoint data has {data['num_classes']} classes but the model has "
+                              f"{cfg.num_classes}")
+        scale, shift = latent_scale_shift({**data, "latent_shape": list(shape)})
+        vae = str(data.get("vae", "none"))
+        class_names = data.get("class_names")
+    else:
+        d = FOREIGN_DATA_DEFAULTS
+        scale, shift = latent_scale_shift({**d, "latent_shape": list(model_shape)})
+        vae = d["vae"] if cfg.in_channels == 4 else "none"
+        class_names = None
+        notes.append(f"no data manifest in the checkpoint: assuming vae {vae}, latent scale "
+                     f"{d['latent_scale']}, shift {d['latent_shift']}")
+    if path_type is None:
+        path_type = args.get("path_type")
+        if path_type is None:
+            path_type = "linear"
+            notes.append("no path_type in the checkpoint: assuming the linear path")
+    if path_type not in PATH_TYPES:
+        raise SampleError(f"unknown path type {path_type!r}; choose one of {', '.join(PATH_TYPES)}")
+    step = ckpt.get("step", ckpt.get("steps"))
+    return SamplingSetup(model=model, vae=vae, scale=scale, shift=shift, num_classes=int(cfg.num_classes),
+                         path_type=path_type, latent_shape=model_shape, class_names=class_names,
+                         step=None if step is None else int(step), notes=notes)
+
+
+def generate(
+    setup: SamplingSetup,
+    vae: Any | None,
+    indices: Sequence[int],
+    *,
+    seed: int,
+    class_balanced: bool = True,
+    mode: str = "ode",
+    num_steps: int | None = None,
+    heun: bool = False,
+    cfg_scale: float = 1.0,
+    guidance_low: float = 0.0,
+    guidance_high: float = 1.0,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images `indices` of the set defined by `seed`: (N x H x W x 3 uint8, N int64 labels).
+
+    The one code path behind sample_ddp.py and training grids: image i is the same whichever
+    batch it is generated in (up to the model's own floating-point batch dependence).
+    `vae` is the loaded AutoencoderKL (load_vae(setup.vae, ...)) or None for pixel space.
+    """
+    if device is None:
+        device = next(setup.model.parameters()).device
+    noise, labels, gens = make_inputs(indices, seed=seed, latent_shape=setup.latent_shape,
+                                      num_classes=setup.num_classes, class_balanced=class_balanced)
+    z = sample(setup.model, noise.to(device), labels.to(device), mode=mode, num_steps=num_steps, heun=heun,
+               cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
+               path_type=setup.path_type, generator=gens if mode == "sde" else None,
+               null_class=setup.num_classes, autocast_dtype=autocast_dtype)
+    return to_uint8(decode(z, vae, setup.scale, setup.shift)), labels.numpy()
+
+
+def write_sample_grid(
+    setup: SamplingSetup, vae: Any | None, path: str, *, num_images: int = 64, seed: int = 0,
+    nrow: int | None = None, **sampler_kwargs: Any,
+) -> np.ndarray:
+    """Sample images 0..num_images-1 of set `seed` (fixed noise and labels: grids from different
+    training steps are comparable) and save them as one PNG grid; returns the uint8 images."""
+    images, _ = generate(setup, vae, range(num_images), seed=seed, **sampler_kwargs)
+    save_grid(images, path, nrow=nrow)
+    return images

@@ -1,0 +1,520 @@
+"""Repulsor, Dispersive and the memory bank against independent references (issue 3).
+
+The references below are written with explicit Python loops over samples and negatives, in
+float64, so they do not share code or vectorisation tricks with loss.py. Training-level checks
+run train.py as a subprocess on a tiny synthetic dataset (one module-scoped batch of runs, two
+at a time), and one torchrun launch checks the two-rank gather / enqueue.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from dataset import write_dataset  # noqa: E402
+from loss import (  # noqa: E402
+    REGULARISERS, Dispersive, Repulsor, build_regulariser, default_reg_depth, dispersive_loss, repulsor_loss,
+)
+from memory_bank import MemoryBank  # noqa: E402
+from models.sit import build_sit  # noqa: E402
+from train import get_args  # noqa: E402
+
+# ----------------------------------------------------------------------------- references
+
+
+def ref_repulsor_terms(rows: Sequence[torch.Tensor], anchors: Sequence[int], bank: Sequence[torch.Tensor],
+                       tau: float) -> list[torch.Tensor]:
+    """L_i = log(sum over negatives exp(<z_i, n> / tau)) - log(#negatives), one loop per sum.
+
+    `rows` is the whole global batch (a list of vectors, some may require grad), `anchors`
+    the indices of this rank's samples, `bank` the bank rows.
+    """
+    terms = []
+    for i in anchors:
+        logits = []
+        for j, other in enumerate(rows):
+            if j != i:
+                logits.append(torch.dot(rows[i], other) / tau)
+        for neg in bank:
+            logits.append(torch.dot(rows[i], neg) / tau)
+        top = max(float(v.detach()) for v in logits)
+        total = sum(torch.exp(v - top) for v in logits)
+        terms.append(torch.log(total) + top - math.log(len(logits)))
+    return terms
+
+
+def ref_repulsor(rows: Sequence[torch.Tensor], anchors: Sequence[int], bank: Sequence[torch.Tensor], tau: float,
+                 mask: Sequence[float] | None = None) -> torch.Tensor:
+    """Masked mean of the per-sample terms over this rank's anchors."""
+    terms = ref_repulsor_terms(rows, anchors, bank, tau)
+    weights = [1.0] * len(terms) if mask is None else [float(mask[k]) for k in range(len(terms))]
+    return sum(w * v for w, v in zip(weights, terms)) / max(sum(weights), 1.0)
+
+
+def ref_dispersive(z: torch.Tensor, variant: str, tau: float = 0.5, margin: float = 1.0) -> float:
+    """The Dispersive variants by their definitions, in float64 Python loops."""
+    x = z.double().reshape(z.shape[0], -1).tolist()
+    n, d = len(x), len(x[0])
+
+    def sqdist(a: list[float], b: list[float]) -> float:
+        return sum((p - q) ** 2 for p, q in zip(a, b))
+
+    if variant == "infonce_l2":  # official: log mean_{i,j incl. diagonal} exp(-||zi - zj||^2 / (d tau))
+        return math.log(sum(math.exp(-sqdist(x[i], x[j]) / (d * tau)) for i in range(n) for j in range(n)) / n ** 2)
+    if variant == "infonce_cos":
+        norms = [math.sqrt(sum(v * v for v in a)) for a in x]
+        cos = [[sum(p * q for p, q in zip(x[i], x[j])) / (norms[i] * norms[j]) for j in range(n)] for i in range(n)]
+        return math.log(sum(math.exp(cos[i][j] / tau) for i in range(n) for j in range(n)) / n ** 2)
+    if variant == "hinge":
+        vals = [max(0.0, margin - sqdist(x[i], x[j]) / d) ** 2 for i in range(n) for j in range(n) if i != j]
+        return sum(vals) / len(vals)
+    if variant == "covariance":
+        mu = [sum(x[i][m] for i in range(n)) / n for m in range(d)]
+        total = 0.0
+        for m in range(d):
+            for k in range(d):
+                if m != k:
+                    c = sum((x[i][m] - mu[m]) * (x[i][k] - mu[k]) for i in range(n)) / (n - 1)
+                    total += c * c
+        return total / d
+    raise AssertionError(variant)
+
+
+def unit(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g), dim=1)
+
+
+def rows64(z: torch.Tensor) -> list[torch.Tensor]:
+    return list(z.double().unbind(0))
+
+
+def close(a: torch.Tensor | float, b: torch.Tensor | float, rel: float = 1e-5, abs_: float = 1e-6) -> bool:
+    return float(a) == pytest.approx(float(b), rel=rel, abs=abs_)
+
+
+# ----------------------------------------------------------------------------- repulsor loss
+
+
+@pytest.mark.parametrize("bank_rows", [0, 9])
+def test_repulsor_loss_matches_loop_reference(bank_rows):
+    z, bank, tau = unit(6, 4, 0), unit(bank_rows, 4, 1), 0.2
+    loss, logs = repulsor_loss(z, bank, tau)
+    ref = ref_repulsor(rows64(z), range(6), rows64(bank), tau)
+    assert close(loss, ref), (loss.item(), float(ref))
+    assert loss.dtype == torch.float32
+    assert ("bank_cos_mean" in logs) == (bank_rows > 0)
+    if bank_rows:
+        assert close(logs["bank_cos_mean"], (z @ bank.T).mean()) and close(logs["bank_cos_max"], (z @ bank.T).max())
+
+
+def test_repulsor_loss_mask_and_log_mean_normalisation():
+    z, bank, tau = unit(5, 3, 2), unit(4, 3, 3), 0.5
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    loss, _ = repulsor_loss(z, bank, tau, mask)
+    assert close(loss, ref_repulsor(rows64(z), range(5), rows64(bank), tau, mask.tolist()))
+    # Identical vectors everywhere: every logit is 1/tau, so the log-mean-exp is exactly 1/tau.
+    same = F.normalize(torch.ones(3, 3), dim=1)
+    loss_same, _ = repulsor_loss(same, same[:2].clone(), tau)
+    assert close(loss_same, 1 / tau)
+
+
+def test_repulsor_loss_gradient_matches_reference_and_skips_the_bank():
+    z, bank, tau = unit(5, 4, 4), unit(6, 4, 5), 0.25
+    zz = z.clone().requires_grad_(True)
+    bank_leaf = bank.clone()
+    loss, _ = repulsor_loss(zz, bank_leaf, tau)
+    loss.backward()
+    ref_z = z.double().requires_grad_(True)
+    ref_repulsor(list(ref_z.unbind(0)), range(5), rows64(bank), tau).backward()
+    torch.testing.assert_close(zz.grad.double(), ref_z.grad, rtol=1e-4, atol=1e-6)
+    assert bank_leaf.grad is None
+
+
+def small_repulsor(bank_steps: int = 3, global_batch: int = 4, hidden: int = 8, seed: int = 0, **kw) -> Repulsor:
+    torch.manual_seed(seed)
+    return Repulsor(hidden, depth=1, proj_dim=4, proj_hidden=16, temperature=0.3,
+                    bank_size=bank_steps * global_batch, global_batch=global_batch, **kw)
+
+
+def test_repulsor_module_pools_projects_and_uses_only_the_filled_bank():
+    rep = small_repulsor(bank_steps=3)
+    g = torch.Generator().manual_seed(7)
+    h1, h2 = torch.randn(4, 5, 8, generator=g), torch.randn(4, 5, 8, generator=g)
+    t = torch.full((4,), 0.5)
+    with torch.no_grad():
+        z1 = F.normalize(rep.head(h1.mean(dim=1)), dim=1)
+        z2 = F.normalize(rep.head(h2.mean(dim=1)), dim=1)
+    torch.testing.assert_close(rep.project(h1).detach(), z1)
+    torch.testing.assert_close(z1.norm(dim=1), torch.ones(4))
+    out1 = rep(h1, t)  # empty bank: in-batch negatives only
+    assert close(out1["reg"], ref_repulsor(rows64(z1), range(4), [], 0.3))
+    assert out1["bank_fill"].item() == pytest.approx(1 / 3)
+    out2 = rep(h2, t)  # partial bank: the 4 rows of step 1, not the 8 zero rows
+    assert close(out2["reg"], ref_repulsor(rows64(z2), range(4), rows64(z1), 0.3))
+    assert out2["bank_fill"].item() == pytest.approx(2 / 3)
+    torch.testing.assert_close(rep.bank.negatives(), torch.cat([z1, z2]))
+
+
+def test_repulsor_module_t_max_masks_anchors():
+    rep = small_repulsor(t_max=0.5)
+    h = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(8))
+    t = torch.tensor([0.1, 0.9, 0.5, 0.7])
+    with torch.no_grad():
+        z = rep.project(h)
+    out = rep(h, t)
+    assert close(out["reg"], ref_repulsor(rows64(z), range(4), [], 0.3, [1.0, 0.0, 1.0, 0.0]))
+
+
+def test_repulsor_gradient_reaches_only_current_projections():
+    """Step 2 backprops into this step's hidden state and head only: the bank (step 1's
+    projections) is a constant, and no graph of step 1 is kept alive through it."""
+    rep = small_repulsor(bank_steps=2)
+    g = torch.Generator().manual_seed(9)
+    h1 = torch.randn(4, 3, 8, generator=g).requires_grad_(True)
+    h2 = torch.randn(4, 3, 8, generator=g).requires_grad_(True)
+    t = torch.full((4,), 0.5)
+    rep(h1, t)["reg"].backward()
+    rep.zero_grad()
+    h1.grad = None
+    negatives = rep.bank.negatives()
+    out = rep(h2, t)
+    out["reg"].backward()  # would raise if the bank held step 1's graph
+    assert h1.grad is None
+    assert not rep.bank.queue.requires_grad and rep.bank.queue.grad is None
+    got_h, got_head = h2.grad.clone(), [p.grad.clone() for p in rep.head.parameters()]
+    # Reference: the loop loss on this step's projections with the bank as a constant.
+    rep.zero_grad()
+    h2_ref = h2.detach().clone().requires_grad_(True)
+    z = rep.project(h2_ref)
+    ref_repulsor(list(z.double().unbind(0)), range(4), rows64(negatives), 0.3).backward()
+    torch.testing.assert_close(got_h, h2_ref.grad, rtol=1e-4, atol=1e-7)
+    for got, p in zip(got_head, rep.head.parameters()):
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-7)
+    assert any(p.abs().sum() > 0 for p in got_head)
+
+
+def test_repulsor_global_batch_one_with_bank_first_step_is_finite():
+    """Global batch 1 with a bank is allowed by the constructor; its first step has no
+    negatives at all (empty bank, no other sample) and must not crash or give NaN."""
+    rep = small_repulsor(bank_steps=4, global_batch=1)
+    h = torch.randn(1, 3, 8)
+    out = rep(h, torch.full((1,), 0.5))
+    assert torch.isfinite(out["reg"])
+    out2 = rep(torch.randn(1, 3, 8), torch.full((1,), 0.5))  # now one bank negative
+    assert torch.isfinite(out2["reg"])
+
+
+def test_loss_math_is_fp32_under_bf16_autocast():
+    """loss.py promises fp32 loss math under autocast: the similarity / distance products must
+    not be autocast to bf16 (bf16 cancellation in ||a||^2 + ||b||^2 - 2ab ruins infonce_l2)."""
+    g = torch.Generator().manual_seed(10)
+    hidden = torch.randn(8, 4, 16, generator=g) + 4.0  # a large shared component, like real activations
+    t = torch.full((8,), 0.5)
+    for variant in Dispersive.VARIANTS:
+        disp = Dispersive(1, variant, temperature=0.5, margin=40.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = disp(hidden, t)["reg"]
+        assert out.dtype == torch.float32, variant
+        assert close(out, ref_dispersive(hidden, variant, 0.5, 40.0), rel=1e-4, abs_=1e-5), (variant, out.item())
+    rep = small_repulsor(bank_steps=3, global_batch=8, hidden=16)
+    rep.bank.enqueue(unit(8, 4, 11))
+    negatives = rep.bank.negatives()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = rep.project(hidden).detach()  # the head itself may run in bf16
+        out = rep(hidden, t)["reg"]
+    assert out.dtype == torch.float32
+    assert close(out, ref_repulsor(rows64(z), range(8), rows64(negatives), 0.3), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- dispersive
+
+
+@pytest.mark.parametrize("variant", Dispersive.VARIANTS)
+def test_dispersive_variants_match_hand_computation(variant):
+    z = torch.randn(6, 5, generator=torch.Generator().manual_seed(12))
+    margin = 2.0  # with d = 5 Gaussian features ||zi - zj||^2 / d is about 2: some pairs active, some not
+    got = dispersive_loss(z, variant, temperature=0.7, margin=margin)
+    assert got.dtype == torch.float32
+    assert close(got, ref_dispersive(z, variant, 0.7, margin), rel=1e-5, abs_=1e-6), (variant, got.item())
+    if variant == "hinge":
+        d2 = torch.cdist(z.double(), z.double()).pow(2) / 5
+        off = ~torch.eye(6, dtype=torch.bool)
+        assert (d2[off] < margin).any() and (d2[off] > margin).any()
+
+
+def test_dispersive_infonce_l2_official_formula_and_module():
+    """The official form: flatten per sample, d = features per sample, diagonal included."""
+    hidden = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(13))
+    z = hidden.reshape(5, -1).double()
+    n, d, tau = 5, 12, 0.5
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            total += math.exp(-float(((z[i] - z[j]) ** 2).sum()) / (d * tau))
+    official = math.log(total / (n * n))
+    disp = Dispersive(depth=1, variant="infonce_l2", temperature=tau)
+    assert close(disp(hidden, torch.full((5,), 0.3))["reg"], official)
+    # Identical samples: every term is exp(0), the loss is exactly log 1 = 0.
+    assert dispersive_loss(torch.ones(4, 7), "infonce_l2").item() == pytest.approx(0.0, abs=1e-6)
+    # t_max drops samples before the batch statistic; fewer than 2 left gives a zero that still backprops.
+    masked = Dispersive(1, "infonce_l2", tau, t_max=0.5)
+    t = torch.tensor([0.1, 0.9, 0.4, 0.8, 0.2])
+    assert close(masked(hidden, t)["reg"], ref_dispersive(hidden[[0, 2, 4]], "infonce_l2", tau))
+    h = hidden.clone().requires_grad_(True)
+    lone = masked(h, torch.tensor([0.1, 0.9, 0.9, 0.9, 0.9]))["reg"]
+    lone.backward()
+    assert lone.item() == 0.0 and h.grad is not None
+
+
+def test_unknown_dispersive_variant_is_an_error():
+    with pytest.raises(ValueError, match="unknown dispersive variant 'l1'"):
+        Dispersive(1, "l1")
+    with pytest.raises(ValueError, match="unknown dispersive variant"):
+        dispersive_loss(torch.randn(3, 2), "l1")
+    with pytest.raises(SystemExit) as e:  # the CLI refuses it before anything starts
+        get_args(["--data-dir", "x", "--reg", "dispersive", "--disp-variant", "l1"])
+    assert e.value.code == 2
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+def _args(*extra: str):
+    return get_args(["--data-dir", "unused", *extra])
+
+
+def test_default_reg_depth_and_builder():
+    assert default_reg_depth("repulsor", "SiT-B/2", 12) == 4
+    assert default_reg_depth("repulsor", "SiT-XL/2", 28) == 8
+    assert default_reg_depth("repulsor", None, 12) == 4
+    assert default_reg_depth("dispersive", "SiT-XL/2", 28) == 7
+    assert set(REGULARISERS) == {"none", "dispersive", "repulsor"}
+    reg = build_regulariser(_args("--reg", "repulsor", "--bank-size", "32", "--proj-hidden", "16", "--proj-dim", "8"),
+                            None, 64, 6, 16, "cpu")
+    assert isinstance(reg, Repulsor) and reg.depth == 2 and reg.temperature == 0.2 and reg.bank.size == 32
+    reg = build_regulariser(_args("--reg", "dispersive", "--reg-depth", "3"), None, 64, 6, 16, "cpu")
+    assert isinstance(reg, Dispersive) and reg.depth == 3 and reg.temperature == 0.5
+    assert build_regulariser(_args(), None, 64, 6, 16, "cpu").depth is None
+
+
+@pytest.mark.parametrize("depth", ["7", "-1", "0"])
+def test_reg_depth_out_of_range_is_an_error(depth):
+    with pytest.raises(ValueError, match=f"--reg-depth {depth} is outside 1..6"):
+        build_regulariser(_args("--reg", "dispersive", "--reg-depth", depth), None, 64, 6, 16, "cpu")
+
+
+def test_bank_size_not_multiple_of_global_batch_is_an_error():
+    with pytest.raises(ValueError, match="bank size 60 is not a multiple of the global batch 16"):
+        MemoryBank(60, 8, 16)
+    with pytest.raises(ValueError, match="not a multiple"):
+        build_regulariser(_args("--reg", "repulsor", "--bank-size", "60", "--proj-hidden", "8"), None, 64, 6, 16, "cpu")
+
+
+# ----------------------------------------------------------------------------- memory bank
+
+
+def test_bank_fifo_wraparound_and_partial_fill():
+    bank = MemoryBank(size=6, dim=2, global_batch=2)
+    batches = [torch.tensor([[10.0 * s + 1, 0.0], [10.0 * s + 2, 0.0]]) for s in range(5)]
+    assert bank.negatives().shape == (0, 2) and bank.fill_fraction == 0.0
+    bank.enqueue(batches[0])
+    torch.testing.assert_close(bank.negatives(), batches[0])  # partial: only the filled rows
+    assert bank.fill_fraction == pytest.approx(1 / 3) and bank.ptr == 2
+    bank.enqueue(batches[1])
+    bank.enqueue(batches[2])
+    torch.testing.assert_close(bank.negatives(), torch.cat(batches[:3]))  # full, in arrival order
+    assert bank.fill_fraction == 1.0 and bank.ptr == 0
+    bank.enqueue(batches[3])  # wraps: the oldest batch (0) is overwritten first
+    torch.testing.assert_close(bank.negatives(), torch.cat([batches[3], batches[1], batches[2]]))
+    bank.enqueue(batches[4])
+    torch.testing.assert_close(bank.negatives(), torch.cat([batches[3], batches[4], batches[2]]))
+    assert bank.ptr == 4 and bank.filled == 6
+
+
+def test_bank_negatives_are_a_copy_state_round_trip_and_errors():
+    bank = MemoryBank(4, 3, 2, dtype="bf16")
+    first = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.25, 1.0 / 3.0]])
+    bank.enqueue(first.requires_grad_(True))
+    neg = bank.negatives()
+    assert neg.dtype == torch.float32 and not neg.requires_grad and bank.queue.dtype == torch.bfloat16
+    torch.testing.assert_close(neg, first.detach().bfloat16().float())
+    bank.enqueue(torch.zeros(2, 3))
+    bank.enqueue(torch.full((2, 3), 7.0))  # overwrites rows 0-1
+    torch.testing.assert_close(neg, first.detach().bfloat16().float())  # the earlier copy is untouched
+    state = bank.state_dict()
+    other = MemoryBank(4, 3, 2, dtype="bf16")
+    other.load_state_dict(state)
+    assert torch.equal(other.queue, bank.queue) and (other.ptr, other.filled) == (bank.ptr, bank.filled) == (2, 4)
+    with pytest.raises(ValueError, match="resume with the same --bank-size"):
+        MemoryBank(8, 3, 2).load_state_dict(state)
+    with pytest.raises(ValueError, match="enqueue got"):
+        bank.enqueue(torch.zeros(3, 3))
+    empty = MemoryBank(0, 3, 2)
+    empty.enqueue(torch.zeros(2, 3))
+    assert empty.negatives().shape == (0, 3) and empty.fill_fraction == 0.0
+
+
+# ----------------------------------------------------------------------------- two ranks (torchrun)
+
+
+def test_two_rank_bank_and_loss(tmp_path):
+    """One torchrun launch: both ranks' banks are identical and hold every rank's vectors in
+    global-rank order (with wrap-around); the per-rank Repulsor loss and its gradient equal the
+    single-process reference on the concatenated batch."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import dist_bank_worker as w
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "dist_bank_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def expected_rows(steps: Sequence[int]) -> torch.Tensor:
+        return torch.cat([torch.cat([w.bank_vectors(s, r) for r in range(2)]) for s in steps])
+
+    banks = [torch.load(tmp_path / f"bank_rank{r}.pt") for r in range(2)]
+    assert torch.equal(banks[0]["queue"], banks[1]["queue"])
+    # 5 steps into a 3-step queue: slots hold steps 3, 4, 2; each step as rank 0's rows then rank 1's.
+    assert torch.equal(banks[0]["queue"], expected_rows([3, 4, 2]))
+    assert (banks[0]["ptr"], banks[0]["filled"]) == (banks[1]["ptr"], banks[1]["filled"]) == (8, 12)
+    partial = [torch.load(tmp_path / f"bank_partial_rank{r}.pt") for r in range(2)]
+    for p in partial:
+        assert torch.equal(p["negatives"], expected_rows([0, 1])) and p["fill"] == pytest.approx(2 / 3)
+
+    z, bank, mask = w.loss_inputs(2)
+    b = w.LOSS_LOCAL_BATCH
+    per_rank_nomask = []
+    for r in range(2):
+        got = torch.load(tmp_path / f"loss_rank{r}.pt")
+        anchors = range(r * b, (r + 1) * b)
+        ref = ref_repulsor(rows64(z), anchors, rows64(bank), w.LOSS_TAU, mask[r * b:(r + 1) * b].tolist())
+        assert close(got["loss"], ref), (r, got["loss"].item(), float(ref))
+        # Gradient: only this rank's rows are variables; the other rank's are constants.
+        local = z[r * b:(r + 1) * b].double().requires_grad_(True)
+        rows = [local[k - r * b] if k in anchors else z[k].double() for k in range(2 * b)]
+        ref_repulsor(rows, anchors, rows64(bank), w.LOSS_TAU, mask[r * b:(r + 1) * b].tolist()).backward()
+        torch.testing.assert_close(got["grad"].double(), local.grad, rtol=1e-4, atol=1e-7)
+        per_rank_nomask.append(float(got["loss_nomask"]))
+    single, _ = repulsor_loss(z, bank, w.LOSS_TAU)  # one process holding the whole batch
+    assert close(sum(per_rank_nomask) / 2, single)
+
+
+# ----------------------------------------------------------------------------- train.py runs
+
+TINY = ["--model", "custom", "--depth", "2", "--hidden-size", "64", "--num-heads", "2", "--patch-size", "4",
+        "--global-batch-size", "16", "--num-workers", "0", "--device", "cpu", "--log-every", "4",
+        "--proj-hidden", "32", "--proj-dim", "16", "--ema-decay", "0.9"]
+STEPS, HALF = 12, 6  # 64 items / batch 16 = 4 steps an epoch: HALF resumes mid-epoch
+BANK = "80"  # 5 global batches: wrapped and full at HALF (ptr 16) and at STEPS (ptr 32)
+
+
+def tiny_dataset(path: str, n: int = 64, size: int = 16, num_classes: int = 4) -> str:
+    rng = np.random.default_rng(0)
+    patterns = rng.uniform(-1, 1, (num_classes, 1, size, size))
+    labels = rng.integers(0, num_classes, n)
+    mean = patterns[labels] + 0.05 * rng.standard_normal((n, 1, size, size))
+    write_dataset(path, mean.astype(np.float16), None, labels, num_classes=num_classes, shard_size=40)
+    return path
+
+
+def train(data: str, results: str, exp: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data-dir", data, "--results-dir", results,
+           "--exp-name", exp, *TINY, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """All train.py runs of this module, two at a time; maps a name to its final checkpoint
+    (or to the CompletedProcess for the runs that must fail)."""
+    root = tmp_path_factory.mktemp("regruns")
+    data = tiny_dataset(str(root / "data"))
+    res = str(root / "results")
+    steps = ["--max-steps", str(STEPS), "--ckpt-every", str(STEPS)]
+    rep = ["--reg", "repulsor", "--bank-size", BANK]
+
+    def resumed() -> None:
+        train(data, res, "rep_resumed", *rep, "--max-steps", str(HALF), "--ckpt-every", str(HALF))
+        train(data, res, "rep_resumed", *rep, *steps)  # --resume auto picks up step HALF
+
+    jobs = {
+        "none": lambda: train(data, res, "none", *steps),
+        "rep_lambda0": lambda: train(data, res, "rep_lambda0", *rep, "--reg-weight", "0", *steps),
+        "disp_lambda0": lambda: train(data, res, "disp_lambda0", "--reg", "dispersive", "--reg-weight", "0", *steps),
+        "rep_straight": lambda: train(data, res, "rep_straight", *rep, *steps),
+        "rep_resumed": resumed,
+        "disp": lambda: train(data, res, "disp", "--reg", "dispersive", "--max-steps", "4", "--ckpt-every", "4"),
+        "bad_bank": lambda: train(data, res, "bad_bank", "--reg", "repulsor", "--bank-size", "60", *steps, check=False),
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {k: pool.submit(f) for k, f in jobs.items()}
+        done = {k: f.result() for k, f in futures.items()}
+    out = {k: os.path.join(res, k, "checkpoints", f"{4 if k == 'disp' else STEPS:07d}.pt") for k in jobs}
+    out["bad_bank"] = done["bad_bank"]
+    return out
+
+
+def assert_state_equal(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs (max |diff| {(a[k].float() - b[k].float()).abs().max()})"
+
+
+@pytest.mark.parametrize("reg", ["rep_lambda0", "disp_lambda0"])
+def test_lambda_zero_trains_exactly_like_reg_none(runs, reg):
+    base, other = load_checkpoint(runs["none"]), load_checkpoint(runs[reg])
+    assert other["args"]["reg"] != "none" and other["args"]["reg_weight"] == 0.0
+    assert_state_equal(base["model"], other["model"], "model")
+    assert_state_equal(base["ema"], other["ema"], "ema")
+
+
+def test_exact_resume_with_bank(runs):
+    straight, resumed = load_checkpoint(runs["rep_straight"]), load_checkpoint(runs["rep_resumed"])
+    assert straight["step"] == resumed["step"] == STEPS
+    bank_a, bank_b = straight["reg_extra"]["bank"], resumed["reg_extra"]["bank"]
+    assert (bank_a["ptr"], bank_a["filled"]) == (bank_b["ptr"], bank_b["filled"]) == ((STEPS * 16) % int(BANK), int(BANK))
+    assert torch.equal(bank_a["queue"], bank_b["queue"]), "bank differs after resume"
+    assert_state_equal(straight["model"], resumed["model"], "model")
+    assert_state_equal(straight["ema"], resumed["ema"], "ema")
+    assert_state_equal(straight["regulariser"], resumed["regulariser"], "regulariser head")
+
+
+@pytest.mark.parametrize("name", ["none", "disp", "rep_straight"])
+def test_trained_model_builds_plain_sit_for_sampling(runs, name):
+    ckpt = load_checkpoint(runs[name])
+    model = model_from_checkpoint(ckpt, weights="ema", log=lambda *a: None)
+    fresh = build_sit(None, depth=2, hidden_size=64, num_heads=2, patch_size=4, input_size=16, in_channels=1,
+                      num_classes=4)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in fresh.parameters())
+    assert model.state_dict().keys() == fresh.state_dict().keys()
+    assert_state_equal(model.state_dict(), ckpt["ema"], "ema weights")
+    if name == "rep_straight":  # the head is trained and checkpointed, but never part of the SiT
+        assert ckpt["regulariser"] and not set(ckpt["regulariser"]) & set(ckpt["model"])
+    x = torch.randn(2, 1, 16, 16)
+    assert model(x, torch.rand(2), torch.tensor([0, 4])).shape == x.shape
+
+
+def test_train_rejects_bank_size_not_multiple_of_global_batch(runs):
+    proc = runs["bad_bank"]
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "bank size 60" in lines[0] and "global batch 16" in lines[0]
