@@ -137,6 +137,51 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list,
+               batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], args: argparse.Namespace,
+               scale: torch.Tensor, shift: torch.Tensor, amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """One optimizer step on this rank's share of the global batch (split in --grad-accum-steps).
+
+    `model` is the TrainModule, DDP-wrapped when distributed. Returns the detached loss terms
+    (mean over micro-batches) and grad_norm. A non-finite loss on any rank raises
+    FloatingPointError on every rank before the weights change.
+    """
+    mean, std, labels = batch
+    device = mean.device
+    accum = args.grad_accum_steps
+    micro = mean.shape[0] // accum
+    terms_sum: dict[str, torch.Tensor] = {}
+    for i in range(accum):
+        sl = slice(i * micro, (i + 1) * micro)
+        x = sample_latents(mean[sl], std[sl], scale, shift)  # fresh posterior sample every step
+        t = sample_time(x.shape[0], args.time_sampling, device)
+        x_t, target = interpolate(args.path_type, x, torch.randn_like(x), t)
+        # Gradients are all-reduced once, on the last micro-batch.
+        sync = model.no_sync() if isinstance(model, DDP) and i < accum - 1 else nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                pred, reg_terms = model(x_t, t, labels[sl])
+            terms = {"velocity": velocity_loss(pred, target), **{k: v.float() for k, v in reg_terms.items()}}
+            terms["loss"] = terms["velocity"] + args.reg_weight * terms.get("reg", 0.0)
+            scaler.scale(terms["loss"] / accum).backward()
+        for k, v in terms.items():
+            terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / accum
+    scaler.unscale_(opt)
+    grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0
+                 else torch.zeros((), device=device))
+    # Every step: stop on a non-finite loss before it reaches the weights or a checkpoint.
+    check = terms_sum["loss"].detach().clone()
+    if is_dist():
+        dist.all_reduce(check)
+    if not torch.isfinite(check):
+        raise FloatingPointError(f"{check.item()}")
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    terms_sum["grad_norm"] = grad_norm.float().detach()
+    return terms_sum
+
+
 def rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if device.type == "cuda":
@@ -310,15 +355,13 @@ def main(args: argparse.Namespace) -> None:
     tracker = make_tracker(args, run_dir) if info.is_main else None
 
     sampler = DistributedEpochSampler(len(dataset), args.global_batch_size, world, rank, args.seed)
-    local_batch = micro_batch * args.grad_accum_steps
-    loader_kwargs = dict(batch_size=local_batch, drop_last=True, num_workers=args.num_workers,
+    loader_kwargs = dict(batch_size=micro_batch * args.grad_accum_steps, drop_last=True, num_workers=args.num_workers,
                          pin_memory=device.type == "cuda", persistent_workers=False,
                          # Own generator: a new loader iterator must not draw from the global RNG,
                          # or a resumed run (which starts one mid-epoch) would diverge.
                          generator=torch.Generator().manual_seed(args.seed))
     grid_fn = make_sample_grid_fn(args, ema, manifest, run_dir, device) if (args.sample_every and info.is_main) else None
 
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     window: list[dict] = []
     t_window = time.time()
     pbar = tqdm(total=args.max_steps, initial=step, disable=not info.is_main, dynamic_ncols=True, desc="train")
@@ -328,42 +371,15 @@ def main(args: argparse.Namespace) -> None:
         sampler.set_epoch(epoch, start)
         for mean, std, labels in DataLoader(dataset, sampler=sampler, **loader_kwargs):
             mean, std, labels = (v.to(device, non_blocking=True) for v in (mean, std, labels))
-            step_terms: dict[str, torch.Tensor] = {}
-            for i in range(args.grad_accum_steps):
-                sl = slice(i * micro_batch, (i + 1) * micro_batch)
-                x = sample_latents(mean[sl], std[sl], scale, shift)
-                t = sample_time(x.shape[0], args.time_sampling, device)
-                x_t, target = interpolate(args.path_type, x, torch.randn_like(x), t)
-                last = i == args.grad_accum_steps - 1
-                sync = nullcontext() if (last or ddp is train_module) else ddp.no_sync()
-                with sync:
-                    with autocast():
-                        pred, reg_terms = ddp(x_t, t, labels[sl])
-                    terms = {"velocity": velocity_loss(pred, target)}
-                    terms.update({k: v.float() for k, v in reg_terms.items()})
-                    loss = terms["velocity"] + args.reg_weight * terms.get("reg", 0.0)
-                    terms["loss"] = loss
-                    scaler.scale(loss / args.grad_accum_steps).backward()
-                for k, v in terms.items():
-                    step_terms[k] = step_terms.get(k, 0.0) + v.detach() / args.grad_accum_steps
-            scaler.unscale_(opt)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0
-                         else torch.zeros((), device=device))
-            # Every step: stop on a non-finite loss before it reaches the weights or a checkpoint.
-            check = torch.stack([step_terms["loss"], grad_norm.float()])
-            if is_dist():
-                dist.all_reduce(check)
-            if not torch.isfinite(check[0]):
+            try:
+                step_terms = train_step(ddp, opt, scaler, params, (mean, std, labels), args, scale, shift, amp_dtype)
+            except FloatingPointError as e:
                 pbar.close()
-                raise TrainError(f"loss is {check[0].item()} at step {step + 1}: stopping; the last good "
-                                 f"checkpoint in {ckpt_dir} is untouched (lower --lr, or try --mixed-precision no)")
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+                raise TrainError(f"loss is {e} at step {step + 1}: stopping; the last good checkpoint in "
+                                 f"{ckpt_dir} is untouched (lower --lr, or try --mixed-precision no)") from None
             step += 1
             decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
             update_ema(ema, sit, decay)
-            step_terms["grad_norm"] = grad_norm.float().detach()
             window.append(step_terms)
             pbar.update(1)
 

@@ -67,7 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-path", default=None,
                    help="image folder (ROOT/<class>/<image>); for fashion-mnist an optional directory "
                         "holding the *-ubyte(.gz) files")
-    p.add_argument("--split", choices=("train", "test"), default=None, help="fashion-mnist split (default train)")
+    p.add_argument("--split", choices=("train", "test"), default=None, help="fashion-mnist split; train when omitted")
     p.add_argument("--out", required=True, help="output dataset directory (created; reruns resume in it)")
     p.add_argument("--resolution", type=int, default=256, help="square image size fed to the encoder")
     p.add_argument("--vae", default=DEFAULT_VAE,

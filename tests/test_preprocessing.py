@@ -11,11 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import LatentDataset, write_shard
+from dataset import DataError, LatentDataset, write_shard
 from preprocessing import encode
 from preprocessing.images import (DEBIAN_FASHION_MNIST, ImageFolderSource, center_crop_arr, list_image_folder,
                                   read_idx)
-from dataset import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "preprocessing", "encode.py")
