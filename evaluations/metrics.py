@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.linalg
 import torch
@@ -42,9 +44,11 @@ def frechet_distance(
             "compare statistics of the same feature layer"
         )
     diff = mu1 - mu2
-    # `disp=False` (as ADM passes it) only silences a printed error estimate and is deprecated
-    # from SciPy 1.16 on; the plain call computes the same matrix.
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    # ADM passes disp=False to keep this first attempt quiet (its result is checked right below);
+    # SciPy >= 1.16 deprecates `disp` and warns instead, so silence that warning here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         offset = np.eye(d) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
