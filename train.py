@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import random
 import sys
@@ -30,7 +29,8 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from dataset import DataError, DistributedEpochSampler, LatentDataset, latent_scale_shift, sample_latents
 from distributed import barrier, cleanup, init_distributed, is_dist
-from loss import PATH_TYPES, REGULARISERS, TIME_SAMPLINGS, Dispersive, Regulariser, build_regulariser, interpolate, sample_time, velocity_loss
+from loss import (PATH_TYPES, REGULARISERS, TIME_SAMPLINGS, Dispersive, Regulariser, build_regulariser, interpolate,
+                  sample_time, velocity_loss)
 from memory_bank import BANK_DTYPES
 from models.sit import SiT, SiT_models, build_sit, load_sit_state_dict
 
@@ -445,22 +445,19 @@ def plot_loss_curve(run_dir: str) -> str | None:
 
 
 def make_sample_grid_fn(args, ema: SiT, manifest: dict, run_dir: str, device: torch.device):
-    """EMA sample grids with fixed noise and labels, so grids are comparable over training."""
-    from samplers import decode, load_vae, sample, save_grid, to_uint8
+    """EMA sample grids with fixed noise and labels (images 0..63 of sample_ddp.py's set for
+    --seed), so grids from different steps are comparable; Heun ODE, no guidance."""
+    from samplers import SamplingSetup, load_vae, write_sample_grid
 
-    c, h, w = manifest["latent_shape"]
-    n = 64 if manifest["num_classes"] >= 8 else 16
-    g = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(n, c, h, w, generator=g).to(device)
-    labels = (torch.arange(n) % manifest["num_classes"]).to(device)
-    vae = load_vae(manifest["vae"], device)
     scale, shift = latent_scale_shift(manifest)
+    setup = SamplingSetup(model=ema, vae=manifest["vae"], scale=scale.to(device), shift=shift.to(device),
+                          num_classes=ema.config.num_classes, path_type=args.path_type,
+                          latent_shape=tuple(manifest["latent_shape"]))
+    vae = load_vae(manifest["vae"], device)
 
     def grid(step: int) -> None:
-        z = sample(ema, noise, labels, mode="ode", num_steps=args.sample_steps, heun=True,
-                   path_type=args.path_type)
-        images = to_uint8(decode(z, vae, scale.to(device), shift.to(device)))
-        save_grid(images, os.path.join(run_dir, "samples", f"{step:07d}.png"), nrow=int(math.sqrt(n)))
+        write_sample_grid(setup, vae, os.path.join(run_dir, "samples", f"{step:07d}.png"), num_images=64,
+                          seed=args.seed, mode="ode", heun=True, num_steps=args.sample_steps, device=device)
 
     return grid
 

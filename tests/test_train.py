@@ -20,7 +20,7 @@ def test_torchrun_two_ranks_loss_falls(tmp_path, easy_data):
     res = str(tmp_path / "res")
     run_train(["--data-dir", easy_data, "--results-dir", res, "--exp-name", "ddp", *TINY_MODEL,
                "--global-batch-size", "16", "--lr", "3e-3", "--max-steps", "40", "--log-every", "5",
-               "--ckpt-every", "40"], nproc=2)
+               "--ckpt-every", "40", "--sample-every", "20", "--sample-steps", "2"], nproc=2)
     rows = _metrics(os.path.join(res, "ddp"))
     assert [r["step"] for r in rows] == list(range(5, 41, 5))
     assert rows[-1]["velocity"] < 0.7 * rows[0]["velocity"], [r["velocity"] for r in rows]
@@ -29,6 +29,10 @@ def test_torchrun_two_ranks_loss_falls(tmp_path, easy_data):
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # per-rank seeding
     assert ckpt["model_config"]["in_channels"] == 1 and ckpt["data"]["num_classes"] == 4
     assert os.path.isfile(os.path.join(res, "ddp", "loss_curve.png"))
+    from PIL import Image
+    grids = [np.asarray(Image.open(os.path.join(res, "ddp", "samples", f"{s:07d}.png"))) for s in (20, 40)]
+    assert grids[0].shape == grids[1].shape and grids[0].shape[0] > 8 * 16  # 8 x 8 grid of 16 px images
+    assert not np.array_equal(grids[0], grids[1])  # the model moved between the grids
     assert json.load(open(os.path.join(res, "ddp", "config.json")))["world_size"] == 2
 
 

@@ -1,0 +1,139 @@
+"""Does Repulsor speed up convergence? Same SiT, data, seeds and budget for --reg none, dispersive
+and repulsor; FID at several step counts (fixed sample count, reference and sampler).
+
+    python benchmarks/convergence.py                       # main comparison, 2 seeds
+    python benchmarks/convergence.py --ablation --seeds 0  # Repulsor ablation, 1 seed
+
+Data: Fashion-MNIST pixels (the demo's preprocessing). Every run is a real `train.py` run in
+OUT/<config>-s<seed>; re-running skips finished training and cached FIDs, so the benchmark can be
+stopped and resumed. Writes OUT/results.json, OUT/table.md and OUT/convergence.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from demo import checkpoint_fid, real_images, run  # noqa: E402
+
+# A smaller SiT than the demo's so that a dozen runs fit in a CPU afternoon.
+MODEL = ["--model", "custom", "--depth", "4", "--hidden-size", "128", "--num-heads", "2", "--patch-size", "4"]
+MAIN = {
+    "none": ["--reg", "none"],
+    "dispersive": ["--reg", "dispersive"],
+    "repulsor": ["--reg", "repulsor"],
+}
+ABLATION = {  # each changes one Repulsor default
+    "repulsor-K0": ["--reg", "repulsor", "--bank-size", "0"],
+    "repulsor-K1024": ["--reg", "repulsor", "--bank-size", "1024"],
+    "repulsor-tau0.5": ["--reg", "repulsor", "--temperature", "0.5"],
+    "repulsor-tau0.1": ["--reg", "repulsor", "--temperature", "0.1"],
+    "repulsor-d32": ["--reg", "repulsor", "--proj-dim", "32"],
+    "repulsor-block2": ["--reg", "repulsor", "--reg-depth", "2"],
+    "repulsor-w0.1": ["--reg", "repulsor", "--reg-weight", "0.1"],
+    "repulsor-w1": ["--reg", "repulsor", "--reg-weight", "1.0"],
+}
+
+
+def get_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results/convergence")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--bank-size", type=int, default=4096, help="Repulsor K at this scale (64 global batches)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--configs", nargs="+", default=None, help="subset of config names to run")
+    p.add_argument("--ablation", action="store_true", help="run the Repulsor ablation instead of the main comparison")
+    p.add_argument("--fid-samples", type=int, default=500)
+    p.add_argument("--fid-ref", type=int, default=1000)
+    p.add_argument("--sample-steps", type=int, default=25)
+    return p.parse_args()
+
+
+def main() -> None:
+    a = get_args()
+    configs = ABLATION if a.ablation else MAIN
+    if a.configs:
+        unknown = set(a.configs) - set(MAIN) - set(ABLATION)
+        if unknown:
+            raise SystemExit(f"error: unknown configs {sorted(unknown)}; known: {', '.join([*MAIN, *ABLATION])}")
+        configs = {k: v for k, v in {**MAIN, **ABLATION}.items() if k in a.configs}
+    train_dir, test_dir = (os.path.join(a.data_root, f"fmnist-{s}") for s in ("train", "test"))
+    for split, d in (("train", train_dir), ("test", test_dir)):
+        run([sys.executable, "preprocessing/encode.py", "--dataset", "fashion-mnist", "--split", split,
+             "--vae", "none", "--resolution", "32", "--out", d, "--device", "cpu"])
+
+    import numpy as np
+
+    import evaluations
+    from plots import plot_fid_curves
+
+    extractor = evaluations.load_inception(device="cpu")
+    ref_npz = os.path.join(a.data_root, f"fmnist-test-ref{a.fid_ref}.npz")
+    if not os.path.isfile(ref_npz):
+        np.savez(ref_npz, arr_0=real_images(test_dir, a.fid_ref))
+    ref = evaluations.reference_statistics(ref_npz, extractor, cache_dir=a.data_root, progress=True)
+
+    os.makedirs(a.out, exist_ok=True)
+    results_path = os.path.join(a.out, "results.json")
+    results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
+    for name, flags in configs.items():
+        for seed in a.seeds:
+            exp = f"{name}-s{seed}"
+            run([sys.executable, "train.py", "--data-dir", train_dir, "--results-dir", a.out, "--exp-name", exp,
+                 *MODEL, *flags, "--seed", str(seed), "--global-batch-size", str(a.batch), "--lr", str(a.lr),
+                 "--max-steps", str(a.steps), "--ckpt-every", str(a.eval_every), "--log-every", "50",
+                 "--ema-warmup", "--num-workers", "0", "--device", "cpu", "--mixed-precision", "bf16",
+                 *([] if "--bank-size" in flags else ["--bank-size", str(a.bank_size)]), "--proj-hidden", "512"])
+            ckpt_dir = os.path.join(a.out, exp, "checkpoints")
+            for step in range(a.eval_every, a.steps + 1, a.eval_every):
+                key = f"{exp}/{step}"
+                if key in results:
+                    continue
+                npz = os.path.join(a.out, exp, "fid_samples", f"{step:07d}.npz")
+                fid = checkpoint_fid(os.path.join(ckpt_dir, f"{step:07d}.pt"), npz, ref, extractor,
+                                     a.fid_samples, a.sample_steps)
+                results[key] = {"config": name, "seed": seed, "step": step, "fid": fid}
+                with open(results_path, "w") as f:
+                    json.dump(results, f, indent=2)
+                os.remove(npz)  # keep only the number (and the grid)
+                print(f"{key}: FID-{a.fid_samples} {fid:.2f}", flush=True)
+
+    # Table: mean (and spread over seeds) per config and step; one plot of the seed means.
+    steps = list(range(a.eval_every, a.steps + 1, a.eval_every))
+    lines = [f"| config | {' | '.join(f'step {s}' for s in steps)} |", "|---|" + "---|" * len(steps)]
+    curves = {}
+    names = (["none", "repulsor"] if a.ablation else []) + list(configs)  # ablation rows beside the defaults
+    for name in names:
+        row, means = [], []
+        for s in steps:
+            vals = [r["fid"] for r in results.values() if r["config"] == name and r["step"] == s]
+            if not vals:
+                row.append("-")
+                continue
+            m = statistics.mean(vals)
+            means.append((s, m))
+            row.append(f"{m:.1f}" + (f" ± {abs(vals[0] - vals[1]) / 2:.1f}" if len(vals) == 2 else
+                                     f" ± {statistics.stdev(vals):.1f}" if len(vals) > 2 else ""))
+        lines.append(f"| {name} | {' | '.join(row)} |")
+        if means:
+            curves[name] = ([s for s, _ in means], [m for _, m in means])
+    table = "\n".join(lines)
+    with open(os.path.join(a.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    png = plot_fid_curves(curves, os.path.join(a.out, "ablation.png" if a.ablation else "convergence.png"),
+                          title=f"FID-{a.fid_samples} (mean over seeds {a.seeds})")
+    print(f"\nFID-{a.fid_samples} against {a.fid_ref} held-out images, mean ± half-range over seeds {a.seeds}:\n"
+          f"{table}\nplot: {png}")
+
+
+if __name__ == "__main__":
+    main()
