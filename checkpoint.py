@@ -52,7 +52,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist: pass the path of a .pt file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # no full copy per rank
     except Exception as e:  # truncated / not a torch file
         raise CheckpointError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: {e}): "
                               "it is corrupt or not a torch checkpoint") from None

@@ -141,7 +141,8 @@ def sample(
         raise SampleError(f"guidance interval [{guidance_low}, {guidance_high}] is empty: low must be <= high")
     path_coefficients(0.5, path_type)  # validates path_type
     if noise.ndim != 4 or labels.shape != (noise.shape[0],):
-        raise SampleError(f"noise must be B x C x H x W and labels B, got {tuple(noise.shape)} and {tuple(labels.shape)}")
+        raise SampleError(f"noise must be B x C x H x W and labels B, got {tuple(noise.shape)} and "
+                          f"{tuple(labels.shape)}")
     batch, device = noise.shape[0], noise.device
     per_image = generator is not None and not isinstance(generator, torch.Generator)
     if per_image and len(generator) != batch:
@@ -271,6 +272,9 @@ def load_vae(vae: str | None, device: torch.device | str = "cpu", dtype: torch.d
         return None
     from diffusers import AutoencoderKL  # imported lazily: diffusers takes seconds to import
 
+    # Load straight into the wanted dtype; low_cpu_mem_usage=False avoids needing `accelerate`.
+    kw = dict(torch_dtype=dtype, low_cpu_mem_usage=False)
+
     if _looks_like_path(vae):
         path = os.path.expanduser(vae)
         if not os.path.isdir(path):
@@ -279,17 +283,17 @@ def load_vae(vae: str | None, device: torch.device | str = "cpu", dtype: torch.d
         sub = "vae" if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
             os.path.join(path, "vae")) else None
         try:
-            model = AutoencoderKL.from_pretrained(path, subfolder=sub)
+            model = AutoencoderKL.from_pretrained(path, subfolder=sub, **kw)
         except Exception as e:
             raise SampleError(f"cannot load a diffusers AutoencoderKL from {vae!r} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
     else:
         try:
-            model = AutoencoderKL.from_pretrained(vae)
+            model = AutoencoderKL.from_pretrained(vae, **kw)
         except Exception as e:
             raise SampleError(f"cannot load VAE {vae!r} from the Hugging Face hub ({type(e).__name__}); "
                               "without network access download it elsewhere and pass --vae /local/dir") from None
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -405,7 +409,9 @@ def setup_from_checkpoint(
     except TypeError as e:  # unknown SiTConfig field in a model_config
         raise SampleError(f"checkpoint model_config does not fit this SiT ({e})") from None
     except ValueError as e:  # CheckpointError or a key / shape mismatch from load_sit_state_dict
-        raise SampleError(f"incompatible checkpoint: {e}") from None
+        hint = "" if "model_config" in ckpt or "--model" in str(e) else (
+            " (the checkpoint has no model config: check --model, --input-size and --num-classes)")
+        raise SampleError(f"incompatible checkpoint: {e}{hint}") from None
     model.eval().requires_grad_(False)
     cfg = model.config
     model_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)

@@ -1,0 +1,505 @@
+"""Generate an FID sample set (ADM .npz) from a checkpoint, on any number of ranks, resumably.
+
+    torchrun --standalone --nproc_per_node=8 sample_ddp.py --ckpt RUN/checkpoints/0400000.pt \
+        --mode sde --num-steps 250 --cfg-scale 1.8 --guidance-high 0.7
+
+Everything about the model (config, latent scale/shift, VAE, classes, path) comes from the
+checkpoint. Image i gets its noise (initial and SDE) from its own generator, seeded from
+(seed, i), and with --class-balanced the label i % num_classes, so the inputs of every image do
+not depend on the number of ranks, the batch size or the chunk size. The outputs are then
+bitwise identical as far as the network's arithmetic is batch-independent: in float64 (or
+--precision fp64) in practice; in fp32 / bf16 different batch sizes can round a few uint8
+values differently (see benchmarks/sampling.py), which no metric notices.
+
+For --out X.npz: the index space 0..N-1 is cut into fixed chunks of --chunk-size images; rank r
+generates pending chunks r, r + W, ... and saves each finished chunk atomically under X.parts/.
+A rerun with the same settings skips finished chunks (other settings: refused). Rank 0 then
+streams the chunks into X.npz (arr_0 uint8 N x H x W x 3 and arr_1 int64 labels, as ADM's
+class-conditional sample files) without a PNG round trip, writes X.grid.png (the first 64
+images) and X.json (settings and timing), and removes X.parts/ unless --keep-parts.
+--save-png also writes X-png/NNNNNN.png.
+
+Errors that a user can fix print one line `error: ...` and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import zipfile
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from checkpoint import CheckpointError, load_checkpoint
+from dataset import DataError
+from distributed import DistInfo, init_distributed, is_dist
+from samplers import (
+    DEFAULT_STEPS,
+    PATH_TYPES,
+    SampleError,
+    SamplingSetup,
+    generate,
+    load_vae,
+    save_grid,
+    setup_from_checkpoint,
+)
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp64")
+SETTINGS_FILE = "settings.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="training checkpoint (.pt) or a REPA-released SiT state dict")
+    p.add_argument("--num-samples", type=int, default=50_000, help="images in the set (default 50000)")
+    p.add_argument("--per-proc-batch-size", type=int, default=64, help="images per forward on each rank (default 64)")
+    p.add_argument("--mode", choices=("ode", "sde"), default="sde", help="sampler (default sde, as REPA's FIDs)")
+    p.add_argument("--num-steps", type=int, default=None,
+                   help=f"default {DEFAULT_STEPS['sde']} for the SDE, {DEFAULT_STEPS['ode']} for the ODE")
+    p.add_argument("--heun", action="store_true", help="Heun (2nd order) ODE steps")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale; 1 = none, no unconditional pass")
+    p.add_argument("--guidance-low", type=float, default=0.0, help="guide only for t >= this (default 0)")
+    p.add_argument("--guidance-high", type=float, default=1.0, help="guide only for t <= this (default 1; REPA 0.7)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed (seed, i) (default 0)")
+    p.add_argument("--out", default=None, help="output .npz (default samples/<ckpt>-<settings>.npz)")
+    p.add_argument("--vae", default=None,
+                   help="diffusers AutoencoderKL hub id or local dir, or none for pixel space "
+                        "(default: the checkpoint's)")
+    p.add_argument("--class-balanced", action=argparse.BooleanOptionalAction, default=True,
+                   help="image i gets label i %% num_classes (default on); off: labels drawn from each image's seed")
+    p.add_argument("--save-png", action="store_true", help="also write every image as OUT-png/NNNNNN.png")
+    p.add_argument("--chunk-size", type=int, default=250, help="images per resumable chunk (default 250)")
+    p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ after the .npz is written")
+    p.add_argument("--grid-images", type=int, default=64, help="images in OUT.grid.png (default 64)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (default; TF32 off), tf32 (TF32 matmuls on GPU, as DiT/REPA), bf16 (autocast), fp64 "
+                        "(model and VAE in float64: slow; removes batch-size effects on the result in practice)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights (default ema)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    g = p.add_argument_group("checkpoints without a model config (e.g. REPA's released SiT-XL/2)")
+    g.add_argument("--model", default=None, help="SiT name, e.g. SiT-XL/2")
+    g.add_argument("--num-classes", type=int, default=None, help="default 1000")
+    g.add_argument("--input-size", type=int, default=None, help="latent size (default 32: 256 px SD-VAE latents)")
+    g.add_argument("--path-type", choices=PATH_TYPES, default=None,
+                   help="override the checkpoint's path (default: the checkpoint's, else linear)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+
+
+class AgreedError(SampleError):
+    """An error every rank raises (reported once, by rank 0)."""
+
+
+def agree(err: str | None) -> None:
+    """All ranks learn whether any rank failed; every rank then raises the first error."""
+    errs = [err]
+    if is_dist():
+        errs = [None] * dist.get_world_size()
+        dist.all_gather_object(errs, err)
+    for r, e in enumerate(errs):
+        if e is not None:
+            raise AgreedError(e if r == 0 else f"(rank {r}) {e}")
+
+
+def broadcast(obj: Any) -> Any:
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def fingerprint(module: torch.nn.Module | None) -> str | None:
+    """Hash of a module's weights, so a resumed run cannot mix chunks from different weights."""
+    if module is None:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
+    return h.hexdigest()
+
+
+def default_out(args: argparse.Namespace, num_steps: int) -> str:
+    ckpt = os.path.abspath(args.ckpt)
+    tag = os.path.splitext(os.path.basename(ckpt))[0]
+    parent = os.path.dirname(ckpt)
+    if os.path.basename(parent) == "checkpoints":  # RUN/checkpoints/0400000.pt -> RUN-0400000
+        tag = f"{os.path.basename(os.path.dirname(parent))}-{tag}"
+    name = f"{tag}-{args.mode}{num_steps}{'-heun' if args.heun else ''}-cfg{args.cfg_scale:g}"
+    if args.cfg_scale != 1.0 and (args.guidance_low, args.guidance_high) != (0.0, 1.0):
+        name += f"-g{args.guidance_low:g}-{args.guidance_high:g}"
+    return os.path.join("samples", f"{name}-seed{args.seed}-n{args.num_samples}.npz")
+
+
+class OutPaths:
+    def __init__(self, out: str):
+        if not out.endswith(".npz"):
+            raise SampleError(f"--out {out!r} must end in .npz")
+        base = out[:-4]
+        self.npz, self.json, self.grid = out, base + ".json", base + ".grid.png"
+        self.parts, self.png = base + ".parts", base + "-png"
+
+
+def chunk_ranges(n: int, size: int) -> list[tuple[int, int]]:
+    """Fixed chunks [start, end) of the index space; they depend only on n and size."""
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def chunk_files(parts: str, start: int, end: int) -> tuple[str, str]:
+    base = os.path.join(parts, f"{start:08d}-{end:08d}")
+    return base + ".npy", base + ".labels.npy"
+
+
+def _atomic_save_npy(path: str, arr: np.ndarray) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_chunk(parts: str, start: int, end: int, images: np.ndarray, labels: np.ndarray) -> None:
+    """Labels first, images last: a chunk is complete once its image file exists."""
+    img_path, lab_path = chunk_files(parts, start, end)
+    _atomic_save_npy(lab_path, labels.astype(np.int64))
+    _atomic_save_npy(img_path, images)
+
+
+def chunk_done(parts: str, start: int, end: int) -> bool:
+    img_path, lab_path = chunk_files(parts, start, end)
+    try:  # memory-mapped: reads only the headers
+        images = np.load(img_path, mmap_mode="r")
+        labels = np.load(lab_path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return (images.dtype == np.uint8 and images.ndim == 4 and images.shape[0] == end - start
+            and images.shape[-1] == 3 and labels.shape == (end - start,))
+
+
+def save_pngs(png_dir: str, start: int, images: np.ndarray) -> None:
+    from PIL import Image
+
+    for k, img in enumerate(images):
+        path = os.path.join(png_dir, f"{start + k:06d}.png")
+        if not os.path.exists(path):
+            tmp = f"{path}.tmp-{os.getpid()}"
+            Image.fromarray(np.asarray(img)).save(tmp, format="PNG")
+            os.replace(tmp, path)
+
+
+def write_npz(path: str, chunk_paths: Sequence[tuple[str, str]], n: int) -> np.ndarray:
+    """Stream the chunks into an uncompressed .npz (what np.savez writes) with constant memory.
+
+    arr_0: N x H x W x 3 uint8 images, arr_1: N int64 labels. Zip entries get a fixed timestamp,
+    so the same images give a byte-identical file. Written to a temporary name, then renamed.
+    Returns the labels.
+    """
+    first = np.load(chunk_paths[0][0], mmap_mode="r")
+    h, w = first.shape[1:3]
+    labels = []
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        info = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        with zf.open(info, "w", force_zip64=True) as f:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                      "shape": (n, h, w, 3)}
+            np.lib.format.write_array_header_1_0(f, header)
+            written = 0
+            for img_path, lab_path in chunk_paths:
+                images = np.load(img_path, mmap_mode="r")
+                if images.dtype != np.uint8 or images.shape[1:] != (h, w, 3):
+                    raise SampleError(f"chunk {img_path} holds {images.shape} {images.dtype}, expected "
+                                      f"n x {h} x {w} x 3 uint8: delete {os.path.dirname(img_path)} and rerun")
+                for s in range(0, len(images), 256):  # bounded memory for 256 px images
+                    f.write(np.ascontiguousarray(images[s:s + 256]).tobytes())
+                written += len(images)
+                labels.append(np.load(lab_path))
+            if written != n:
+                raise SampleError(f"chunks hold {written} images, expected {n}")
+        labels = np.concatenate(labels).astype(np.int64)
+        with zf.open(zipfile.ZipInfo("arr_1.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, labels)
+        zf.close()
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, path)
+    return labels
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("num_samples", "per_proc_batch_size", "chunk_size", "grid_images"):
+        if getattr(args, name) < 1:
+            raise SampleError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.num_steps is not None and args.num_steps < 1:
+        raise SampleError(f"--num-steps must be at least 1, got {args.num_steps}")
+    if args.seed < 0:
+        raise SampleError(f"--seed must be >= 0, got {args.seed}")
+    if args.heun and args.mode != "ode":
+        raise SampleError("--heun applies to --mode ode only (the REPA SDE is Euler-Maruyama)")
+    if not args.guidance_low <= args.guidance_high:
+        raise SampleError(f"--guidance-low {args.guidance_low} is above --guidance-high {args.guidance_high}")
+    if args.cfg_scale < 0 or not math.isfinite(args.cfg_scale):
+        raise SampleError(f"--cfg-scale must be a finite number >= 0, got {args.cfg_scale}")
+
+
+def prepare_output(paths: OutPaths, rank: int) -> None:
+    """Create the output and parts directories and prove they are writable (each rank writes chunks)."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(paths.npz)), exist_ok=True)
+        os.makedirs(paths.parts, exist_ok=True)
+        probe = os.path.join(paths.parts, f".probe-{rank}-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise SampleError(f"output {paths.npz!r} is not writable ({e.strerror or e}: "
+                          f"{e.filename or paths.parts}): choose another --out") from None
+
+
+def load_setup(args: argparse.Namespace, info: DistInfo, log) -> tuple[SamplingSetup, Any, str]:
+    ckpt = load_checkpoint(args.ckpt)
+    overrides = dict(model=args.model, num_classes=args.num_classes, input_size=args.input_size)
+    setup = setup_from_checkpoint(ckpt, weights=args.weights, config_overrides=overrides,
+                                  path_type=args.path_type, log=log)
+    del ckpt
+    if args.class_balanced and args.num_samples < setup.num_classes:
+        raise SampleError(f"--num-samples {args.num_samples} is smaller than the {setup.num_classes} classes: "
+                          "--class-balanced needs at least one image per class (or pass --no-class-balanced)")
+    vae_name = args.vae if args.vae is not None else setup.vae
+    vae_dtype = torch.float64 if args.precision == "fp64" else torch.float32
+    vae = load_vae(vae_name, info.device, vae_dtype)
+    if vae is not None and vae.config.latent_channels != setup.latent_shape[0]:
+        raise SampleError(f"VAE {vae_name!r} has {vae.config.latent_channels} latent channels but the model "
+                          f"makes {setup.latent_shape[0]}: pass the VAE the model was trained with")
+    if vae is None and setup.latent_shape[0] not in (1, 3):
+        raise SampleError(f"the model makes {setup.latent_shape[0]}-channel latents but no VAE is set "
+                          "(--vae none or a pixel-space checkpoint): pass --vae")
+    return setup, vae, vae_name
+
+
+def run(args: argparse.Namespace, info: DistInfo) -> None:
+    log = print if info.is_main else (lambda *a, **k: None)
+    rank, world = info.rank, info.world_size
+    num_steps = args.num_steps if args.num_steps is not None else DEFAULT_STEPS[args.mode]
+
+    err = None
+    try:
+        check_args(args)
+        paths = OutPaths(args.out or default_out(args, num_steps))
+        prepare_output(paths, rank)
+    except SampleError as e:
+        err = str(e)
+    agree(err)
+
+    setup = vae = vae_name = None
+    try:
+        setup, vae, vae_name = load_setup(args, info, log)
+    except (SampleError, CheckpointError, DataError) as e:
+        err = str(e)
+    agree(err)
+    for note in setup.notes:
+        log(f"note: {note}")
+
+    # What determines the images (compared on resume); world size, batch and device are not part of it.
+    settings = dict(
+        weights=args.weights, step=setup.step, mode=args.mode, num_steps=num_steps, heun=args.heun,
+        cfg_scale=args.cfg_scale, guidance_low=args.guidance_low, guidance_high=args.guidance_high,
+        path_type=setup.path_type, seed=args.seed, class_balanced=args.class_balanced,
+        num_classes=setup.num_classes, latent_shape=list(setup.latent_shape),
+        latent_scale=setup.scale.flatten().tolist(), latent_shift=setup.shift.flatten().tolist(),
+        vae=vae_name, precision=args.precision,
+    )
+    chunks = chunk_ranges(args.num_samples, args.chunk_size)
+    state: dict[str, Any] = {"error": None, "done": False, "pending": []}
+    if info.is_main:
+        settings["model_sha"] = fingerprint(setup.model)
+        settings["vae_sha"] = fingerprint(vae)
+        state = plan(paths, settings, chunks, args, log)
+    state = broadcast(state)
+    settings = broadcast(settings)
+    agree(state["error"] if info.is_main else None)
+    if state["done"]:
+        if info.is_main:
+            try:
+                os.rmdir(paths.parts)  # made empty by prepare_output
+            except OSError:
+                pass
+        log(f"{paths.npz} is already complete with these settings: nothing to do")
+        return
+    if args.class_balanced and args.num_samples % setup.num_classes:
+        log(f"note: {args.num_samples} images over {setup.num_classes} classes: the first "
+            f"{args.num_samples % setup.num_classes} classes get one image more than the others")
+
+    # Precision (after fingerprinting, which hashes the checkpoint's own weights).
+    if info.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
+    model = setup.model.to(info.device, torch.float64 if args.precision == "fp64" else torch.float32)
+    setup.model = model
+    autocast = torch.bfloat16 if args.precision == "bf16" else None
+
+    pending = [tuple(c) for c in state["pending"]]
+    mine = pending[rank::world]
+    indices = [i for s, e in mine for i in range(s, e)]
+    total_new = sum(e - s for s, e in pending)
+    log(f"sampling {args.num_samples} images ({args.mode}, {num_steps} steps{', Heun' if args.heun else ''}, "
+        f"cfg {args.cfg_scale:g} on t in [{args.guidance_low:g}, {args.guidance_high:g}], {setup.path_type} "
+        f"path, vae {vae_name}, {args.precision}) on {world} rank(s); {len(chunks) - len(pending)} of "
+        f"{len(chunks)} chunks already done, {total_new} images to go -> {paths.npz}")
+
+    from tqdm import tqdm
+
+    t0 = time.time()
+    bar = tqdm(total=len(indices), unit="img", disable=not info.is_main, dynamic_ncols=True,
+               desc=f"rank 0/{world}" if world > 1 else "sampling", smoothing=0.1)
+    acc_img: list[np.ndarray] = []
+    acc_lab: list[np.ndarray] = []
+    acc, ci = 0, 0
+    for b in range(0, len(indices), args.per_proc_batch_size):
+        batch = indices[b:b + args.per_proc_batch_size]
+        images, labels = generate(setup, vae, batch, seed=args.seed, class_balanced=args.class_balanced,
+                                  mode=args.mode, num_steps=num_steps, heun=args.heun, cfg_scale=args.cfg_scale,
+                                  guidance_low=args.guidance_low, guidance_high=args.guidance_high,
+                                  device=info.device, autocast_dtype=autocast)
+        acc_img.append(images)
+        acc_lab.append(labels)
+        acc += len(batch)
+        # Batches run across chunk boundaries (no padding waste); a chunk is saved once complete.
+        while ci < len(mine) and acc >= mine[ci][1] - mine[ci][0]:
+            s, e = mine[ci]
+            all_img, all_lab = np.concatenate(acc_img), np.concatenate(acc_lab)
+            save_chunk(paths.parts, s, e, all_img[:e - s], all_lab[:e - s])
+            if args.save_png:
+                os.makedirs(paths.png, exist_ok=True)
+                save_pngs(paths.png, s, all_img[:e - s])
+            acc_img, acc_lab = [all_img[e - s:]], [all_lab[e - s:]]
+            acc -= e - s
+            ci += 1
+        bar.update(len(batch))
+    bar.close()
+
+    if not info.is_main:
+        return
+    # Rank 0 waits for the other ranks' chunks through the file system rather than a collective,
+    # so a slower rank cannot trip a process-group timeout (torchrun stops us if a rank dies).
+    while missing := [c for c in pending if not chunk_done(paths.parts, *c)]:
+        if world == 1:
+            raise SampleError(f"{len(missing)} chunks are missing from {paths.parts} after sampling, e.g. "
+                              f"images {missing[0][0]}..{missing[0][1] - 1}: was it modified meanwhile? rerun")
+        time.sleep(1.0)
+    seconds = time.time() - t0
+    assemble(paths, chunks, settings, args, world, total_new, seconds, log)
+
+
+def plan(paths: OutPaths, settings: dict, chunks: list[tuple[int, int]], args: argparse.Namespace, log) -> dict:
+    """Rank 0: compare with an earlier run's settings and list the chunks still to make."""
+    done_info = _read_json(paths.json)
+    if (done_info and done_info.get("settings") == settings and done_info.get("num_samples") == args.num_samples
+            and os.path.isfile(paths.npz)):
+        return {"error": None, "done": True, "pending": []}
+    settings_path = os.path.join(paths.parts, SETTINGS_FILE)
+    old = _read_json(settings_path)
+    if old is not None and old != settings:
+        diff = [f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now" for k in sorted(set(old) | set(settings))
+                if old.get(k) != settings.get(k)]
+        more = f"; and {len(diff) - 4} more" if len(diff) > 4 else ""
+        return {"error": f"{paths.parts} holds chunks made with other settings ({'; '.join(diff[:4])}{more}): "
+                         "delete it or choose another --out", "done": False, "pending": []}
+    if old is None:
+        _atomic_write_json(settings_path, settings)
+    pending = [c for c in chunks if not chunk_done(paths.parts, *c)]
+    if len(pending) < len(chunks):
+        log(f"resuming: {len(chunks) - len(pending)} of {len(chunks)} chunks already done in {paths.parts}")
+    return {"error": None, "done": False, "pending": pending}
+
+
+def assemble(paths: OutPaths, chunks, settings: dict, args: argparse.Namespace, world: int,
+             total_new: int, seconds: float, log) -> None:
+    files = [chunk_files(paths.parts, s, e) for s, e in chunks]
+    t0 = time.time()
+    labels = write_npz(paths.npz, files, args.num_samples)
+    npz_seconds = time.time() - t0
+
+    grid, have = [], 0
+    for img_path, _ in files:  # only the chunks the grid needs
+        if have >= args.grid_images:
+            break
+        part = np.load(img_path, mmap_mode="r")[: args.grid_images - have]
+        grid.append(np.asarray(part))
+        have += len(part)
+    save_grid(np.concatenate(grid), paths.grid)
+    if args.save_png:  # chunks made by an earlier run without --save-png
+        os.makedirs(paths.png, exist_ok=True)
+        for (s, _), (img_path, _) in zip(chunks, files):
+            save_pngs(paths.png, s, np.load(img_path, mmap_mode="r"))
+
+    counts = np.bincount(labels, minlength=settings["num_classes"])
+    rate = total_new / seconds if seconds > 0 and total_new else None
+    _atomic_write_json(paths.json, dict(
+        settings=settings, num_samples=args.num_samples, ckpt=os.path.abspath(args.ckpt),
+        shape=[args.num_samples, *np.load(files[0][0], mmap_mode="r").shape[1:]],
+        class_counts=dict(min=int(counts.min()), max=int(counts.max())),
+        world_size=world, per_proc_batch_size=args.per_proc_batch_size, chunk_size=args.chunk_size,
+        images_generated_this_run=total_new, sampling_seconds=round(seconds, 3),
+        images_per_second=None if rate is None else round(rate, 3), npz_seconds=round(npz_seconds, 3),
+        finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+    ))
+    if not args.keep_parts:
+        shutil.rmtree(paths.parts, ignore_errors=True)
+    speed = f" at {rate:.2f} images/s" if rate else ""
+    log(f"wrote {paths.npz} ({args.num_samples} images; generated {total_new} in {seconds:.1f} s{speed} on "
+        f"{world} rank(s); npz assembled in {npz_seconds:.1f} s), grid {paths.grid}, settings {paths.json}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    info = init_distributed(args.device)
+    code = 0
+    try:
+        run(args, info)
+    except (SampleError, CheckpointError, DataError) as e:
+        if info.is_main or not isinstance(e, AgreedError):
+            print(f"error: {e}", file=sys.stderr)
+        code = 2
+    finally:
+        if is_dist():
+            dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
