@@ -3,7 +3,7 @@
 A training checkpoint (RUN/checkpoints/NNNNNNN.pt) is a dict with
     model, ema            SiT state dicts (online and EMA weights), no training-only heads
     regulariser           state dict of the regulariser (e.g. the Repulsor head); {} if none
-    bank                  memory-bank state ({} if none)
+    reg_extra             its non-parameter state, e.g. {"bank": memory-bank state}; {} if none
     opt, scaler           optimizer and grad-scaler state
     step                  number of optimizer steps done
     rng                   list with every rank's RNG states

@@ -105,8 +105,9 @@ class Repulsor(Regulariser):
         super().__init__()
         if pool != "mean":
             raise ValueError(f"unknown pooling {pool!r}; only 'mean' is implemented")
-        if global_batch < 2 and bank_size == 0:
-            raise ValueError("Repulsor needs negatives: use a global batch of at least 2 or a --bank-size > 0")
+        if global_batch < 2:
+            raise ValueError(f"Repulsor needs a global batch (per micro-step) of at least 2, got {global_batch}: "
+                             "the other samples of the batch are its first negatives")
         self.depth, self.temperature, self.t_max = depth, temperature, t_max
         self.head = nn.Sequential(
             nn.Linear(hidden_size, proj_hidden), nn.SiLU(),
@@ -138,25 +139,31 @@ def repulsor_loss(z: torch.Tensor, bank: torch.Tensor, temperature: float,
     """Repulsor loss of this rank's unit vectors z (b x d) against the global batch and `bank`.
 
     The global batch is all-gathered in rank order; this rank's slot is replaced by z itself
-    so gradient flows through the local negatives but not the gathered ones.
+    so gradient flows through the local negatives but not the gathered ones. fp32 even under
+    autocast. The batch and bank blocks get separate logsumexps joined by logaddexp: no
+    concatenated b x (B + K) logits and one division by tau on z, not on the logits.
     """
-    b = z.shape[0]
-    rank = dist.get_rank() if is_dist() else 0
-    gathered = all_gather_cat(z)
-    batch = torch.cat([gathered[: rank * b], z, gathered[(rank + 1) * b:]])
-    sim_batch = z @ batch.T  # b x B
-    self_idx = torch.arange(b, device=z.device) + rank * b
-    sim_batch = sim_batch.masked_fill(F.one_hot(self_idx, batch.shape[0]).bool(), float("-inf"))
-    sim_bank = z @ bank.T.to(z.device)  # b x M, one batched product
-    logits = torch.cat([sim_batch, sim_bank], dim=1) / temperature
-    num_neg = batch.shape[0] - 1 + bank.shape[0]
-    per_sample = torch.logsumexp(logits, dim=1) - math.log(num_neg)
-    mask = torch.ones(b, device=z.device) if mask is None else mask
-    logs = {}
-    if bank.shape[0]:
-        with torch.no_grad():
-            logs = {"bank_cos_mean": sim_bank.mean(), "bank_cos_max": sim_bank.max()}
-    return _masked_mean(per_sample, mask), logs
+    with torch.autocast(z.device.type, enabled=False):
+        z = z.float()
+        b = z.shape[0]
+        rank = dist.get_rank() if is_dist() else 0
+        gathered = all_gather_cat(z)
+        batch = torch.cat([gathered[: rank * b], z, gathered[(rank + 1) * b:]])
+        zt = z / temperature
+        logits_batch = zt @ batch.T  # b x B
+        self_idx = torch.arange(b, device=z.device) + rank * b
+        logits_batch = logits_batch.masked_fill(F.one_hot(self_idx, batch.shape[0]).bool(), float("-inf"))
+        lse = torch.logsumexp(logits_batch, dim=1)
+        logs = {}
+        if bank.shape[0]:
+            bank = bank.to(z.device, torch.float32)
+            logits_bank = zt @ bank.T  # b x K: one batched product against the whole bank
+            lse = torch.logaddexp(lse, torch.logsumexp(logits_bank, dim=1))
+            with torch.no_grad():
+                logs = {"bank_cos_mean": logits_bank.mean() * temperature, "bank_cos_max": logits_bank.max() * temperature}
+        per_sample = lse - math.log(batch.shape[0] - 1 + bank.shape[0])
+        mask = torch.ones(b, device=z.device) if mask is None else mask
+        return _masked_mean(per_sample, mask), logs
 
 
 class Dispersive(Regulariser):
@@ -191,8 +198,12 @@ class Dispersive(Regulariser):
 
 
 def dispersive_loss(z: torch.Tensor, variant: str, temperature: float = 0.5, margin: float = 1.0) -> torch.Tensor:
-    """The four Dispersive Loss variants on flattened features z (B x d), in fp32."""
-    z = z.float()
+    """The four Dispersive Loss variants on flattened features z (B x d), in fp32 (also under autocast)."""
+    with torch.autocast(z.device.type, enabled=False):
+        return _dispersive_fp32(z.float(), variant, temperature, margin)
+
+
+def _dispersive_fp32(z: torch.Tensor, variant: str, temperature: float, margin: float) -> torch.Tensor:
     n, d = z.shape
     off_diag = ~torch.eye(n, dtype=torch.bool, device=z.device)
     if variant in ("infonce_l2", "hinge"):
@@ -251,7 +262,7 @@ def build_regulariser(args, model_name: str | None, hidden_size: int, model_dept
                       global_batch: int, device: torch.device | str) -> Regulariser:
     if args.reg not in REGULARISERS:
         raise ValueError(f"unknown regulariser {args.reg!r}; choose one of {', '.join(REGULARISERS)}")
-    depth = args.reg_depth or default_reg_depth(args.reg, model_name, model_depth)
+    depth = args.reg_depth if args.reg_depth is not None else default_reg_depth(args.reg, model_name, model_depth)
     if args.reg != "none" and not 1 <= depth <= model_depth:
         raise ValueError(f"--reg-depth {depth} is outside 1..{model_depth} for this model")
     return REGULARISERS[args.reg](args, hidden_size, depth, global_batch, device)

@@ -1,0 +1,253 @@
+"""Training-step overhead of the regularisers: --reg none vs dispersive vs repulsor, one run.
+
+    python benchmarks/overhead.py                      # CPU-sized defaults, a few minutes on 2 cores
+    python benchmarks/overhead.py --model SiT-B/2 --input-size 32 --in-channels 4 \
+        --batch-size 256 --precision bf16 --device cuda --steps 50 --warmup 10  # a GPU setting
+
+Every configuration gets the same SiT (same seed, size, batch, precision) and runs the very
+step of train.py (`train.train_step` + `update_ema`) on a fixed random batch. The Repulsor
+bank is pre-filled (K rows of unit vectors), so every timed step pays for the full bank as in
+steady-state training. Steps are interleaved round-robin over the configurations (so load
+from other processes hits them alike), warm-up rounds are dropped, and the table reports the
+median ms/step and its ratio to --reg none. --breakdown also times the Repulsor's parts alone
+(head MLP, bank product + loss, in-batch-only loss, enqueue) to show where the time goes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from typing import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from loss import Repulsor, build_regulariser, repulsor_loss  # noqa: E402
+from models.sit import SiT_models, build_sit  # noqa: E402
+from train import TrainModule, get_args, train_step, update_ema  # noqa: E402
+
+AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_FLAG = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="custom", choices=list(SiT_models) + ["custom"])
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--hidden-size", type=int, default=192)
+    p.add_argument("--num-heads", type=int, default=3)
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--in-channels", type=int, default=1)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch = this process's batch")
+    p.add_argument("--precision", default="fp32", choices=list(AMP),
+                   help="fp32 by default: bf16 autocast is slower than fp32 on this project's 2-core CPU")
+    p.add_argument("--regs", default="none,dispersive,repulsor", help="comma-separated --reg values")
+    p.add_argument("--bank-size", type=int, default=65536)
+    p.add_argument("--proj-dim", type=int, default=128)
+    p.add_argument("--proj-hidden", type=int, default=2048)
+    p.add_argument("--reg-depth", type=int, default=None, help="default: train.py's default per regulariser")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--breakdown", action="store_true", help="also time the Repulsor's parts in isolation")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def train_args(b: argparse.Namespace, reg: str) -> argparse.Namespace:
+    """The train.py configuration of one benchmark column (its defaults for everything else)."""
+    argv = ["--data-dir", "unused", "--reg", reg, "--global-batch-size", str(b.batch_size),
+            "--mixed-precision", PRECISION_FLAG[b.precision], "--bank-size", str(b.bank_size),
+            "--proj-dim", str(b.proj_dim), "--proj-hidden", str(b.proj_hidden), "--model", b.model]
+    if b.model == "custom":
+        argv += ["--depth", str(b.depth), "--hidden-size", str(b.hidden_size), "--num-heads", str(b.num_heads),
+                 "--patch-size", str(b.patch_size)]
+    if b.reg_depth is not None:
+        argv += ["--reg-depth", str(b.reg_depth)]
+    return get_args(argv)
+
+
+class Config:
+    """One column: a TrainModule, its optimizer, EMA and a step closure, as train.py builds them."""
+
+    def __init__(self, b: argparse.Namespace, reg_name: str, device: torch.device):
+        self.name = reg_name
+        self.args = args = train_args(b, reg_name)
+        torch.manual_seed(b.seed)  # same SiT init for every column
+        name = None if b.model == "custom" else b.model
+        sit = build_sit(name, depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads,
+                        patch_size=args.patch_size, input_size=b.input_size, in_channels=b.in_channels,
+                        num_classes=b.num_classes).to(device)
+        self.reg = build_regulariser(args, name, sit.config.hidden_size, sit.config.depth, b.batch_size, device).to(device)
+        if isinstance(self.reg, Repulsor) and self.reg.bank.size:  # steady state: a full bank
+            g = torch.Generator().manual_seed(b.seed + 1)
+            queue = F.normalize(torch.randn(self.reg.bank.size, self.reg.bank.dim, generator=g), dim=1)
+            self.reg.bank.load_state_dict({"queue": queue, "ptr": 0, "filled": self.reg.bank.size})
+        self.sit, self.ema = sit, copy.deepcopy(sit).requires_grad_(False).eval()
+        self.module = TrainModule(sit, self.reg).train()
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                     weight_decay=args.weight_decay, fused=device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=b.precision == "fp16")
+        self.amp_dtype = AMP[b.precision]
+        self.reg_depth = self.reg.depth
+        self.reg_params = sum(p.numel() for p in self.reg.parameters())
+        self.times: list[float] = []
+
+    def step(self, batch: tuple[torch.Tensor, ...], scale: torch.Tensor, shift: torch.Tensor) -> None:
+        train_step(self.module, self.opt, self.scaler, self.params, batch, self.args, scale, shift, self.amp_dtype)
+        update_ema(self.ema, self.sit, self.args.ema_decay)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, n: int, warmup: int = 2) -> float:
+    """Median seconds of fn over n calls after warm-up."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def breakdown(b: argparse.Namespace, rep: Repulsor, device: torch.device, tokens: int) -> list[tuple[str, float]]:
+    """Time of the Repulsor's parts alone, at the benchmark's batch and precision."""
+    amp = (lambda: torch.autocast(device.type, dtype=AMP[b.precision])) if AMP[b.precision] else nullcontext
+    hidden = torch.randn(b.batch_size, tokens, rep.head[0].in_features, device=device, requires_grad=True)
+    z = F.normalize(torch.randn(b.batch_size, b.proj_dim, device=device), dim=1).requires_grad_(True)
+    bank = rep.bank.negatives()
+
+    def head() -> None:
+        with amp():
+            out = rep.project(hidden)
+        out.sum().backward()
+
+    def loss_with(neg: torch.Tensor, autocast: bool = True) -> Callable[[], None]:
+        def run() -> None:
+            with amp() if autocast else nullcontext():
+                loss, _ = repulsor_loss(z, neg, rep.temperature)
+            loss.backward()
+        return run
+
+    head_params = list(rep.head.parameters())
+    for p in head_params:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.AdamW(head_params, lr=1e-4, fused=device.type == "cuda")
+
+    def head_opt() -> None:
+        torch.nn.utils.clip_grad_norm_(head_params, 1.0)
+        opt.step()
+
+    n = max(3, b.steps)
+    rows = [
+        ("head MLP + pooling, fwd+bwd", timed(head, device, n)),
+        ("AdamW step + grad-norm over the head's parameters", timed(head_opt, device, n)),
+        (f"loss vs batch + bank K={bank.shape[0]}, fwd+bwd", timed(loss_with(bank), device, n)),
+        ("loss vs batch only (K=0), fwd+bwd", timed(loss_with(bank[:0]), device, n)),
+        ("bank.negatives() copy", timed(rep.bank.negatives, device, n)),
+        ("bank.enqueue", timed(lambda: rep.bank.enqueue(z.detach()), device, n)),
+    ]
+    if AMP[b.precision]:
+        rows.insert(3, (f"loss vs batch + bank K={bank.shape[0]}, fwd+bwd, autocast off (fp32)",
+                        timed(loss_with(bank, autocast=False), device, n)))
+    return rows
+
+
+def approx_gflop(b: argparse.Namespace, sit_cfg, rep: Repulsor | None, tokens: int) -> dict[str, float]:
+    """Rough training-step GFLOP (fwd + bwd = 3 x fwd matmul FLOPs)."""
+    d, n, bs = sit_cfg.hidden_size, tokens, b.batch_size
+    per_block = 2 * (12 * d * d * n + 2 * n * n * d + 6 * d * d)  # qkv+proj+mlp per token, attention, adaLN
+    out = {"SiT": 3 * bs * sit_cfg.depth * per_block / 1e9}
+    if rep is not None:
+        head = sum(m.in_features * m.out_features for m in rep.head if isinstance(m, torch.nn.Linear))
+        out["head"] = 3 * 2 * bs * head / 1e9
+        out["bank"] = 2 * 2 * bs * rep.bank.size * rep.bank.dim / 1e9  # fwd + grad wrt z (bank has none)
+    return out
+
+
+def main() -> None:
+    b = parse()
+    if b.threads:
+        torch.set_num_threads(b.threads)
+    device = torch.device(b.device)
+    regs = [r.strip() for r in b.regs.split(",") if r.strip()]
+    configs = [Config(b, r, device) for r in regs]
+    g = torch.Generator().manual_seed(b.seed)
+    shape = (b.batch_size, b.in_channels, b.input_size, b.input_size)
+    batch = (torch.randn(shape, generator=g).to(device), torch.zeros(shape, device=device),
+             torch.randint(0, b.num_classes, (b.batch_size,), generator=g).to(device))
+    scale = torch.ones(b.in_channels, 1, 1, device=device)
+    shift = torch.zeros(b.in_channels, 1, 1, device=device)
+
+    sit = configs[0].sit
+    n_sit = sum(p.numel() for p in sit.parameters())
+    tokens = (b.input_size // sit.config.patch_size) ** 2
+    print(f"SiT {'custom' if b.model == 'custom' else b.model}: depth {sit.config.depth}, width {sit.config.hidden_size}, "
+          f"patch {sit.config.patch_size}, {b.in_channels}x{b.input_size}x{b.input_size} ({tokens} tokens), "
+          f"{n_sit / 1e6:.2f}M params; batch {b.batch_size}; {b.precision}; {device.type}, "
+          f"{torch.get_num_threads()} threads; torch {torch.__version__}", flush=True)
+    for c in configs:
+        if c.name != "none":
+            extra = (f", K {c.reg.bank.size}, d {c.reg.bank.dim}, head hidden {b.proj_hidden}"
+                     if isinstance(c.reg, Repulsor) else f", variant {c.args.disp_variant}")
+            print(f"  {c.name}: block {c.reg_depth}, {c.reg_params / 1e6:.2f}M training-only params{extra}", flush=True)
+
+    t_start = time.time()
+    for rnd in range(b.warmup + b.steps):
+        order = configs[rnd % len(configs):] + configs[: rnd % len(configs)]  # rotate who goes first
+        for c in order:
+            sync(device)
+            t0 = time.perf_counter()
+            c.step(batch, scale, shift)
+            sync(device)
+            if rnd >= b.warmup:
+                c.times.append(time.perf_counter() - t0)
+        print(f"  round {rnd + 1}/{b.warmup + b.steps} done ({time.time() - t_start:.0f} s)", file=sys.stderr, flush=True)
+
+    base_cfg = next((c for c in configs if c.name == "none"), None)
+    base = statistics.median(base_cfg.times) if base_cfg else None
+    print()
+    print(f"| --reg | ms/step (median of {b.steps}) | min | ratio to none (medians) | paired ratio (median over rounds) |")
+    print("|---|---:|---:|---:|---:|")
+    for c in configs:
+        med = statistics.median(c.times)
+        label = c.name if c.name != "repulsor" else f"repulsor (K {b.bank_size}, d {b.proj_dim})"
+        ratio = f"{med / base:.3f}" if base else "-"
+        paired = f"{statistics.median(x / y for x, y in zip(c.times, base_cfg.times)):.3f}" if base else "-"
+        print(f"| {label} | {1000 * med:.0f} | {1000 * min(c.times):.0f} | {ratio} | {paired} |")
+
+    rep_cfg = next((c for c in configs if isinstance(c.reg, Repulsor)), None)
+    flops = approx_gflop(b, sit.config, rep_cfg.reg if rep_cfg else None, tokens)
+    print()
+    print("approx. GFLOP per training step: " + ", ".join(f"{k} {v:.1f}" for k, v in flops.items())
+          + (f" (head + bank = {100 * (flops['head'] + flops['bank']) / flops['SiT']:.1f} % of the SiT)"
+             if rep_cfg else ""))
+    if b.breakdown and rep_cfg is not None:
+        print()
+        print("| Repulsor part (alone) | ms | share of none's median step |")
+        print("|---|---:|---:|")
+        for name, sec in breakdown(b, rep_cfg.reg, device, tokens):
+            share = f"{100 * sec / base:.1f} %" if base else "-"
+            print(f"| {name} | {1000 * sec:.1f} | {share} |")
+
+
+if __name__ == "__main__":
+    main()
