@@ -81,7 +81,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--time-sampling", type=str, default="uniform", choices=TIME_SAMPLINGS)
     g = p.add_argument_group("regulariser")
     g.add_argument("--reg", type=str, default="none", choices=list(REGULARISERS))
-    g.add_argument("--reg-weight", type=float, default=None, help="lambda (default: 0.5 for repulsor and dispersive)")
+    g.add_argument("--reg-weight", type=float, default=None,
+                   help="lambda (default: repulsor 0.1, see the README's ablation; dispersive 0.5, the paper's)")
     g.add_argument("--reg-depth", type=int, default=None,
                    help="block whose output is regularised, 1-based (default: repulsor 4 for S/B, 8 for L/XL, "
                         "depth // 3 custom; dispersive depth // 4)")
@@ -103,7 +104,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--report-to", type=str, default="none", choices=["none", "tensorboard", "wandb"])
     args = p.parse_args(argv)  # unknown flags are an error
     if args.reg_weight is None:
-        args.reg_weight = 0.0 if args.reg == "none" else 0.5
+        args.reg_weight = {"none": 0.0, "repulsor": 0.1}.get(args.reg, 0.5)
     if args.model == "custom":
         missing = [f for f in ("depth", "hidden_size", "num_heads", "patch_size") if getattr(args, f) is None]
         if missing:
