@@ -268,6 +268,9 @@ def main(args: argparse.Namespace) -> None:
     if h != w:
         raise DataError(f"the data holds non-square {h}x{w} latents; SiT needs square inputs")
     num_classes = args.num_classes or manifest["num_classes"]
+    if num_classes < manifest["num_classes"]:
+        raise DataError(f"--num-classes {num_classes} is below the data's {manifest['num_classes']} classes: "
+                        "drop the flag (the manifest's count is the default)")
 
     run_dir = os.path.join(args.results_dir, args.exp_name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")

@@ -88,6 +88,9 @@ def test_bad_inputs_give_one_line_errors(tmp_path, easy_data):
     (tmp_path / "empty").mkdir()
     assert "is empty" in _error(run_train(["--data-dir", str(tmp_path / "empty"), *base], check=False))
 
+    msg = _error(run_train(["--data-dir", easy_data, *base, "--num-classes", "2"], check=False))
+    assert "--num-classes 2 is below the data's 4 classes" in msg
+
     msg = _error(run_train(["--data-dir", easy_data, *base, "--grad-accum-steps", "3"], check=False))
     assert "--global-batch-size 16 is not divisible by world size 1 x --grad-accum-steps 3" in msg
 
