@@ -289,6 +289,9 @@ def main(args: argparse.Namespace) -> None:
     else:
         resume_path = args.resume
     ckpt = load_checkpoint(resume_path) if resume_path else None
+    if ckpt is not None and not {"model_config", "opt", "rng"} <= set(ckpt):
+        raise CheckpointError(f"{resume_path} is not a train.py checkpoint (no optimizer/RNG state): "
+                              "it can be sampled from, not resumed")
 
     # Model and regulariser are built under the run seed; training randomness is reseeded
     # per rank afterwards, so adding a regulariser never changes the SiT's init or data order.
