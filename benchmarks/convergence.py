@@ -28,12 +28,24 @@ MAIN = {
     "dispersive": ["--reg", "dispersive"],
     "repulsor": ["--reg", "repulsor"],
 }
-# The ablation changes one setting of the issue's starting point (K 1024 = 32 global batches here,
-# tau 0.2, d 128, block 2, lambda 0.5); it is what moved the default lambda to 0.1.
+# The ablation changes one setting of the default (lambda 0.1, K 1024 = 32 global batches here,
+# tau 0.2, d 128, block 2 = depth // 3); the lambda 0.5 rows are the issue's starting point, whose
+# result moved the default lambda to 0.1.
+R = ["--reg", "repulsor"]
 ABLATION = {
-    "repulsor-w0.5": ["--reg", "repulsor", "--reg-weight", "0.5"],
-    "repulsor-w0.5-K0": ["--reg", "repulsor", "--reg-weight", "0.5", "--bank-size", "0"],
-    "repulsor-w0.5-tau0.5": ["--reg", "repulsor", "--reg-weight", "0.5", "--temperature", "0.5"],
+    "repulsor-w0.05": [*R, "--reg-weight", "0.05"],
+    "repulsor-w0.5": [*R, "--reg-weight", "0.5"],
+    "repulsor-K0": [*R, "--bank-size", "0"],
+    "repulsor-K256": [*R, "--bank-size", "256"],
+    "repulsor-K4096": [*R, "--bank-size", "4096"],
+    "repulsor-tau0.1": [*R, "--temperature", "0.1"],
+    "repulsor-tau0.5": [*R, "--temperature", "0.5"],
+    "repulsor-d32": [*R, "--proj-dim", "32"],
+    "repulsor-d512": [*R, "--proj-dim", "512"],
+    "repulsor-block1": [*R, "--reg-depth", "1"],
+    "repulsor-block4": [*R, "--reg-depth", "4"],
+    "repulsor-w0.5-K0": [*R, "--reg-weight", "0.5", "--bank-size", "0"],
+    "repulsor-w0.5-tau0.5": [*R, "--reg-weight", "0.5", "--temperature", "0.5"],
 }
 
 
@@ -117,10 +129,10 @@ def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
     """Table: mean (and spread over seeds) per config and step; one plot of the seed means."""
     from plots import plot_fid_curves
 
-    steps = list(range(a.eval_every, a.steps + 1, a.eval_every))
+    names = (["none", "repulsor"] if a.ablation else []) + list(configs)  # ablation rows beside the defaults
+    steps = sorted({r["step"] for r in results.values() if r["config"] in names})  # all budgets run so far
     lines = [f"| config | {' | '.join(f'step {s}' for s in steps)} |", "|---|" + "---|" * len(steps)]
     curves = {}
-    names = (["none", "repulsor"] if a.ablation else []) + list(configs)  # ablation rows beside the defaults
     for name in names:
         row, means = [], []
         for s in steps:
