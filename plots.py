@@ -50,3 +50,22 @@ def plot_fid_curves(curves: dict[str, tuple[list[int], list[float]]], out_path: 
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+def plot_fid_bars(values: dict[str, list[float]], out_path: str, title: str = "FID") -> str:
+    """One horizontal bar per config at its seed mean, one dot per seed: {label: [fid per seed]}."""
+    labels = list(values)
+    fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(labels) + 1.2))
+    ys = range(len(labels))
+    ax.barh(ys, [sum(v) / len(v) for v in values.values()], color="tab:blue", alpha=0.5)
+    for y, v in zip(ys, values.values()):
+        ax.plot(v, [y] * len(v), "k.", markersize=6)
+    ax.set_yticks(list(ys), labels)
+    ax.invert_yaxis()
+    lo = min(min(v) for v in values.values())
+    ax.set_xlim(left=0.9 * lo)  # FIDs of comparable runs differ by far less than their size
+    ax.set(xlabel="FID (bar: seed mean, dots: seeds; lower is better)", title=title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

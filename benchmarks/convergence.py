@@ -127,10 +127,10 @@ def run_all(a: argparse.Namespace, configs: dict, results: dict, results_path: s
 
 def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
     """Table: mean (and spread over seeds) per config and step; one plot of the seed means."""
-    from plots import plot_fid_curves
+    from plots import plot_fid_bars, plot_fid_curves
 
     names = (["none", "repulsor"] if a.ablation else []) + list(configs)  # ablation rows beside the defaults
-    steps = sorted({r["step"] for r in results.values() if r["config"] in names})  # all budgets run so far
+    steps = sorted({r["step"] for r in results.values() if r["config"] in names and r["step"] <= a.steps})
     lines = [f"| config | {' | '.join(f'step {s}' for s in steps)} |", "|---|" + "---|" * len(steps)]
     curves = {}
     for name in names:
@@ -151,8 +151,13 @@ def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(table + "\n")
     seeds = sorted({r["seed"] for r in results.values() if r["config"] in names})
-    png = plot_fid_curves(curves, os.path.join(a.out, "ablation.png" if a.ablation else "convergence.png"),
-                          title=f"FID-{a.fid_samples} (mean over seeds {seeds})")
+    if a.ablation:  # many configs, one budget: bars at the last step read better than crossing curves
+        final = {n: [r["fid"] for r in results.values() if r["config"] == n and r["step"] == a.steps] for n in names}
+        png = plot_fid_bars({n: v for n, v in final.items() if v}, os.path.join(a.out, "ablation.png"),
+                            title=f"Repulsor ablation: FID-{a.fid_samples} at step {a.steps}")
+    else:
+        png = plot_fid_curves(curves, os.path.join(a.out, "convergence.png"),
+                              title=f"FID-{a.fid_samples} (mean over seeds {seeds})")
     print(f"\nFID-{a.fid_samples} against {a.fid_ref} held-out images, mean ± half-range over the seeds run "
           f"({seeds}):\n"
           f"{table}\nplot: {png}")
