@@ -99,7 +99,7 @@ class Repulsor(Regulariser):
     """
 
     def __init__(self, hidden_size: int, depth: int, proj_dim: int = 128, proj_hidden: int = 2048,
-                 temperature: float = 0.2, bank_size: int = 65536, bank_dtype: str = "fp32",
+                 temperature: float = 0.5, bank_size: int = 65536, bank_dtype: str = "fp32",
                  global_batch: int = 256, pool: str = "mean", t_max: float = 1.0,
                  device: torch.device | str = "cpu"):
         super().__init__()
@@ -240,14 +240,12 @@ def _build_none(args, hidden_size, depth, global_batch, device) -> Regulariser:
 
 
 def _build_dispersive(args, hidden_size, depth, global_batch, device) -> Regulariser:
-    return Dispersive(depth, args.disp_variant, args.temperature if args.temperature is not None else 0.5,
-                      args.disp_margin, args.reg_t_max)
+    return Dispersive(depth, args.disp_variant, args.temperature, args.disp_margin, args.reg_t_max)
 
 
 def _build_repulsor(args, hidden_size, depth, global_batch, device) -> Regulariser:
-    return Repulsor(hidden_size, depth, args.proj_dim, args.proj_hidden,
-                    args.temperature if args.temperature is not None else 0.2,
-                    args.bank_size, args.bank_dtype, global_batch, args.reg_pool, args.reg_t_max, device)
+    return Repulsor(hidden_size, depth, args.proj_dim, args.proj_hidden, args.temperature, args.bank_size,
+                    args.bank_dtype, global_batch, args.reg_pool, args.reg_t_max, device)
 
 
 # name -> builder(args, hidden_size, depth_of_tap, global_batch_per_micro_step, device)

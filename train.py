@@ -39,6 +39,13 @@ class TrainError(RuntimeError):
     """A run that cannot go on; the message says why and what to do."""
 
 
+# Flags that define the objective or the data order: --resume refuses to change them (the regulariser's
+# only when one is used). A value a checkpoint did not record (None) is not checked.
+RESUME_MUST_MATCH = ("global_batch_size", "path_type", "time_sampling", "reg")
+RESUME_MUST_MATCH_REG = ("reg_weight", "reg_depth", "reg_t_max", "temperature", "proj_dim", "proj_hidden", "bank_size",
+                         "bank_dtype", "reg_pool", "disp_variant", "disp_margin")
+
+
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
@@ -87,7 +94,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="block whose output is regularised, 1-based (default: repulsor 4 for S/B, 8 for L/XL, "
                         "depth // 3 custom; dispersive depth // 4)")
     g.add_argument("--reg-t-max", type=float, default=1.0, help="ablation: apply the term only where t <= this")
-    g.add_argument("--temperature", type=float, default=None, help="tau (default: repulsor 0.2, dispersive 0.5)")
+    g.add_argument("--temperature", type=float, default=0.5, help="tau (repulsor and dispersive)")
     g.add_argument("--proj-dim", type=int, default=128, help="repulsor: projection width d")
     g.add_argument("--proj-hidden", type=int, default=2048, help="repulsor: head MLP width")
     g.add_argument("--bank-size", type=int, default=65536, help="repulsor: memory bank K (0 = in-batch only)")
@@ -326,14 +333,17 @@ def main(args: argparse.Namespace) -> None:
 
     step = 0
     if ckpt is not None:
-        if ckpt["args"]["global_batch_size"] != args.global_batch_size:
-            raise CheckpointError(f"checkpoint {resume_path} used --global-batch-size "
-                                  f"{ckpt['args']['global_batch_size']}: resume with the same value")
+        for key in RESUME_MUST_MATCH + (RESUME_MUST_MATCH_REG if args.reg != "none" else ()):
+            if ckpt["args"].get(key) is not None and ckpt["args"][key] != getattr(args, key):
+                raise CheckpointError(f"checkpoint {resume_path} was trained with --{key.replace('_', '-')} "
+                                      f"{ckpt['args'][key]} (now {getattr(args, key)}): resume with the same value")
         load_sit_state_dict(sit, ckpt["model"], log=log)
         load_sit_state_dict(ema, ckpt["ema"], log=log)
         reg.load_state_dict(ckpt["regulariser"])
         reg.load_extra_state(ckpt.get("reg_extra", {}))
         opt.load_state_dict(ckpt["opt"])
+        for group in opt.param_groups:  # load_state_dict restores the old hyperparameters: the flags win
+            group.update(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
         if len(ckpt["rng"]) == world:

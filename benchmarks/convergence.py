@@ -26,12 +26,13 @@ MODEL = ["--model", "custom", "--depth", "6", "--hidden-size", "128", "--num-hea
 MAIN = {
     "none": ["--reg", "none"],
     "dispersive": ["--reg", "dispersive"],
-    "repulsor": ["--reg", "repulsor"],
+    "repulsor": ["--reg", "repulsor"],  # the defaults: lambda 0.1, tau 0.5, d 128, block 2 = depth // 3
+    "repulsor-tau0.2": ["--reg", "repulsor", "--temperature", "0.2"],  # the defaults before the ablation
 }
-# The ablation changes one setting of the default (lambda 0.1, K 1024 = 32 global batches here,
-# tau 0.2, d 128, block 2 = depth // 3); the lambda 0.5 rows are the issue's starting point, whose
-# result moved the default lambda to 0.1.
-R = ["--reg", "repulsor"]
+# The ablation changes one setting of the pre-ablation defaults (lambda 0.1, tau 0.2, d 128, block 2,
+# K 1024 = 32 global batches here; "repulsor-tau0.2"); its "tau 0.5" row is today's "repulsor".
+# The lambda 0.5 rows are the issue's starting point, which moved lambda to 0.1 first.
+R = ["--reg", "repulsor", "--temperature", "0.2"]
 ABLATION = {
     "repulsor-w0.05": [*R, "--reg-weight", "0.05"],
     "repulsor-w0.5": [*R, "--reg-weight", "0.5"],
@@ -39,7 +40,6 @@ ABLATION = {
     "repulsor-K256": [*R, "--bank-size", "256"],
     "repulsor-K4096": [*R, "--bank-size", "4096"],
     "repulsor-tau0.1": [*R, "--temperature", "0.1"],
-    "repulsor-tau0.5": [*R, "--temperature", "0.5"],
     "repulsor-d32": [*R, "--proj-dim", "32"],
     "repulsor-d512": [*R, "--proj-dim", "512"],
     "repulsor-block1": [*R, "--reg-depth", "1"],
@@ -125,29 +125,41 @@ def run_all(a: argparse.Namespace, configs: dict, results: dict, results_path: s
 
 
 
+def mean_spread(vals: list[float], signed: bool = False) -> str:
+    """'m', 'm ± half-range' for two values, 'm ± sample std' for more."""
+    m = f"{statistics.mean(vals):{'+' if signed else ''}.1f}"
+    if len(vals) == 2:
+        return f"{m} ± {abs(vals[0] - vals[1]) / 2:.1f}"
+    return f"{m} ± {statistics.stdev(vals):.1f}" if len(vals) > 2 else m
+
+
 def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
-    """Table: mean (and spread over seeds) per config and step; one plot of the seed means."""
+    """Tables: FID per config and step (mean and spread over seeds), and its difference to --reg none
+    at the same seed (paired: a seed fixes the SiT's init and data order for every config, so most
+    seed noise cancels); one plot of the seed means."""
     from plots import plot_fid_bars, plot_fid_curves
 
-    names = (["none", "repulsor"] if a.ablation else []) + list(configs)  # ablation rows beside the defaults
+    # ablation rows beside the references: the baseline, the ablation's base and today's default
+    names = (["none", "repulsor-tau0.2", "repulsor"] if a.ablation else []) + list(configs)
     steps = sorted({r["step"] for r in results.values() if r["config"] in names and r["step"] <= a.steps})
-    lines = [f"| config | {' | '.join(f'step {s}' for s in steps)} |", "|---|" + "---|" * len(steps)]
-    curves = {}
+    fid = {(r["config"], r["seed"], r["step"]): r["fid"] for r in results.values()}
+    header = [f"| config | {' | '.join(f'step {s}' for s in steps)} |", "|---|" + "---|" * len(steps)]
+    lines, paired, curves = list(header), list(header), {}
     for name in names:
-        row, means = [], []
+        row, prow, means = [], [], []
         for s in steps:
-            vals = [r["fid"] for r in results.values() if r["config"] == name and r["step"] == s]
-            if not vals:
-                row.append("-")
-                continue
-            m = statistics.mean(vals)
-            means.append((s, m))
-            row.append(f"{m:.1f}" + (f" ± {abs(vals[0] - vals[1]) / 2:.1f}" if len(vals) == 2 else
-                                     f" ± {statistics.stdev(vals):.1f}" if len(vals) > 2 else ""))
+            seeds = sorted(seed for c, seed, step in fid if c == name and step == s)
+            diffs = [fid[name, seed, s] - fid["none", seed, s] for seed in seeds if ("none", seed, s) in fid]
+            row.append(mean_spread([fid[name, seed, s] for seed in seeds]) if seeds else "-")
+            prow.append(mean_spread(diffs, signed=True) if diffs else "-")
+            if seeds:
+                means.append((s, statistics.mean(fid[name, seed, s] for seed in seeds)))
         lines.append(f"| {name} | {' | '.join(row)} |")
+        if name != "none":
+            paired.append(f"| {name} | {' | '.join(prow)} |")
         if means:
             curves[name] = ([s for s, _ in means], [m for _, m in means])
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\nFID minus none's FID at the same seed:\n\n" + "\n".join(paired)
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(table + "\n")
     seeds = sorted({r["seed"] for r in results.values() if r["config"] in names})
@@ -161,7 +173,6 @@ def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
     print(f"\nFID-{a.fid_samples} against {a.fid_ref} held-out images, mean ± half-range over the seeds run "
           f"({seeds}):\n"
           f"{table}\nplot: {png}")
-
 
 if __name__ == "__main__":
     main()

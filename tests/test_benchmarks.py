@@ -34,14 +34,17 @@ def test_convergence_report_table_and_plots(tmp_path):
     assert "| none | 200.0 ± 1.0 | 152.0 ± 2.0 |" in table  # mean ± half-range of two seeds
     assert "| repulsor | - | 170.0 |" in table
     assert "| dispersive | - | - |" in table
+    paired = table[table.index("FID minus none's FID at the same seed:"):]
+    assert "| repulsor | - | +20.0 |" in paired and not any(row.startswith("| none |") for row in paired)
     assert os.path.isfile(os.path.join(out, "convergence.png"))
 
     r = _report(out, "--ablation")
     assert r.returncode == 0, r.stderr
     table = open(os.path.join(out, "table.md")).read().splitlines()
     assert table[0] == "| config | step 500 | step 1000 |"
-    assert table[2].startswith("| none |") and table[3].startswith("| repulsor |")  # references first
+    assert [row.split(" |")[0] for row in table[2:5]] == ["| none", "| repulsor-tau0.2", "| repulsor"]  # references
     assert "| repulsor-K0 | - | 162.0 ± 2.6 |" in table  # three seeds: mean ± sample std
+    assert "| repulsor-K0 | - | +8.5 ± 1.5 |" in table  # paired with none only where none ran that seed
     assert os.path.isfile(os.path.join(out, "ablation.png"))
 
     r = _report(out, "--steps", "3000")

@@ -309,7 +309,7 @@ def test_default_reg_depth_and_builder():
     assert set(REGULARISERS) == {"none", "dispersive", "repulsor"}
     reg = build_regulariser(_args("--reg", "repulsor", "--bank-size", "32", "--proj-hidden", "16", "--proj-dim", "8"),
                             None, 64, 6, 16, "cpu")
-    assert isinstance(reg, Repulsor) and reg.depth == 2 and reg.temperature == 0.2 and reg.bank.size == 32
+    assert isinstance(reg, Repulsor) and reg.depth == 2 and reg.temperature == 0.5 and reg.bank.size == 32
     reg = build_regulariser(_args("--reg", "dispersive", "--reg-depth", "3"), None, 64, 6, 16, "cpu")
     assert isinstance(reg, Dispersive) and reg.depth == 3 and reg.temperature == 0.5
     assert build_regulariser(_args(), None, 64, 6, 16, "cpu").depth is None

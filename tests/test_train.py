@@ -105,6 +105,21 @@ def test_bad_inputs_give_one_line_errors(tmp_path, easy_data):
     other = make_easy_dataset(str(tmp_path / "rgb"), channels=3)
     msg = _error(run_train(["--data-dir", other, *base, "--exp-name", "r", "--max-steps", "6"], check=False))
     assert "3x16x16 latents but the checkpoint's model takes 1x16x16" in msg
+    # Resuming with a different objective or data order (the checkpoint is left as it is).
+    resume = ["--data-dir", easy_data, *base, "--exp-name", "r", "--max-steps", "6"]
+    msg = _error(run_train([*resume, "--global-batch-size", "8"], check=False))  # the last value wins
+    assert "was trained with --global-batch-size 16 (now 8): resume with the same value" in msg
+    msg = _error(run_train([*resume, "--reg", "dispersive"], check=False))
+    assert "was trained with --reg none (now dispersive)" in msg
+    run_train(["--data-dir", easy_data, *base, "--exp-name", "d", "--reg", "dispersive", "--max-steps", "1"])
+    msg = _error(run_train(["--data-dir", easy_data, *base, "--exp-name", "d", "--reg", "dispersive",
+                            "--temperature", "0.2"], check=False))
+    assert "was trained with --temperature 0.5 (now 0.2)" in msg
+    # The optimiser's hyperparameters are not part of the objective: a new --lr applies on resume.
+    run_train(["--data-dir", easy_data, *base, "--exp-name", "d", "--reg", "dispersive", "--max-steps", "2",
+               "--lr", "3e-4"])
+    opt = torch.load(tmp_path / "res" / "d" / "checkpoints" / "0000002.pt", weights_only=False)["opt"]
+    assert [g["lr"] for g in opt["param_groups"]] == [3e-4]
 
     # A non-finite loss stops the run with the step number and leaves the last checkpoint untouched.
     n = 64
