@@ -1,12 +1,16 @@
 """Does Repulsor speed up convergence? Same SiT, data, seeds and budget for --reg none, dispersive
 and repulsor; FID at several step counts (fixed sample count, reference and sampler).
 
-    python benchmarks/convergence.py                       # main comparison, 2 seeds
-    python benchmarks/convergence.py --ablation --seeds 0  # Repulsor ablation, 1 seed
+    python benchmarks/convergence.py                                  # main comparison, 1000 steps, 2 seeds
+    python benchmarks/convergence.py --steps 3000 --eval-every 1000   # continue the same runs to 3000 steps
+    python benchmarks/convergence.py --ablation --seeds 0             # Repulsor ablation, 1 seed
+
+The README lists the exact commands behind its tables.
 
 Data: Fashion-MNIST pixels (the demo's preprocessing). Every run is a real `train.py` run in
 OUT/<config>-s<seed>; re-running skips finished training and cached FIDs, so the benchmark can be
-stopped and resumed. Writes OUT/results.json, OUT/table.md and OUT/convergence.png.
+stopped and resumed. Writes OUT/results.json, OUT/table.md (FID, and FID minus --reg none's at the
+same seed) and OUT/convergence.png (or OUT/ablation.png).
 """
 from __future__ import annotations
 
