@@ -128,7 +128,6 @@ def run_all(a: argparse.Namespace, configs: dict, results: dict, results_path: s
                 print(f"{key}: FID-{a.fid_samples} {fid:.2f}", flush=True)
 
 
-
 def mean_spread(vals: list[float], signed: bool = False) -> str:
     """'m', 'm ± half-range' for two values, 'm ± sample std' for more."""
     m = f"{statistics.mean(vals):{'+' if signed else ''}.1f}"
@@ -152,12 +151,13 @@ def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
     for name in names:
         row, prow, means = [], [], []
         for s in steps:
-            seeds = sorted(seed for c, seed, step in fid if c == name and step == s)
-            diffs = [fid[name, seed, s] - fid["none", seed, s] for seed in seeds if ("none", seed, s) in fid]
-            row.append(mean_spread([fid[name, seed, s] for seed in seeds]) if seeds else "-")
+            vals = [v for (c, _, step), v in sorted(fid.items()) if c == name and step == s]
+            diffs = [v - fid["none", seed, s] for (c, seed, step), v in sorted(fid.items())
+                     if c == name and step == s and ("none", seed, s) in fid]
+            row.append(mean_spread(vals) if vals else "-")
             prow.append(mean_spread(diffs, signed=True) if diffs else "-")
-            if seeds:
-                means.append((s, statistics.mean(fid[name, seed, s] for seed in seeds)))
+            if vals:
+                means.append((s, statistics.mean(vals)))
         lines.append(f"| {name} | {' | '.join(row)} |")
         if name != "none":
             paired.append(f"| {name} | {' | '.join(prow)} |")
@@ -166,9 +166,9 @@ def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
     table = "\n".join(lines) + "\n\nFID minus none's FID at the same seed:\n\n" + "\n".join(paired)
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(table + "\n")
-    seeds = sorted({r["seed"] for r in results.values() if r["config"] in names})
+    seeds = sorted({seed for c, seed, _ in fid if c in names})
     if a.ablation:  # many configs, one budget: bars at the last step read better than crossing curves
-        final = {n: [r["fid"] for r in results.values() if r["config"] == n and r["step"] == a.steps] for n in names}
+        final = {n: [v for (c, _, step), v in sorted(fid.items()) if c == n and step == a.steps] for n in names}
         png = plot_fid_bars({n: v for n, v in final.items() if v}, os.path.join(a.out, "ablation.png"),
                             title=f"Repulsor ablation: FID-{a.fid_samples} at step {a.steps}")
     else:
@@ -177,6 +177,7 @@ def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
     print(f"\nFID-{a.fid_samples} against {a.fid_ref} held-out images, mean ± half-range over the seeds run "
           f"({seeds}):\n"
           f"{table}\nplot: {png}")
+
 
 if __name__ == "__main__":
     main()
