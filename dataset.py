@@ -17,6 +17,7 @@ with random access and never loaded whole into RAM.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -169,6 +170,43 @@ def read_manifest(data_dir: str) -> dict:
         raise DataError(f"{path} has format_version {manifest.get('format_version')!r}, this code reads "
                         f"{FORMAT_VERSION}: re-run preprocessing")
     return manifest
+
+
+# Manifest fields that decide what a model trains on, in the order mismatches are reported.
+FINGERPRINT_FIELDS = ("count", "latent_shape", "num_classes", "source", "source_sha256", "flip", "vae",
+                      "latent_scale", "latent_shift", "shards")
+
+
+def data_fingerprint(manifest: dict) -> dict:
+    """A small JSON-able identity of a dataset, for checkpoints to record and compare on resume.
+
+    Fields absent from older manifests (e.g. source_sha256) are None. `hash` is a short digest
+    over the other fields, so equal hashes mean equal fingerprints.
+    """
+    fp: dict[str, Any] = {k: manifest.get(k) for k in FINGERPRINT_FIELDS}
+    fp["shards"] = [[s["name"], int(s["count"])] for s in manifest.get("shards", [])]
+    # Round-trip through JSON so a fingerprint compares equal to its reloaded copy (tuples -> lists).
+    fp = json.loads(json.dumps(fp, sort_keys=True))
+    fp["hash"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    return fp
+
+
+def fingerprint_mismatch(a: dict, b: dict) -> str | None:
+    """A short description of the first field where fingerprints a and b differ ("count 50 vs 60"), or None."""
+    for key in FINGERPRINT_FIELDS:
+        x, y = a.get(key), b.get(key)
+        if x == y:
+            continue
+        if key == "shards" and isinstance(x, list) and isinstance(y, list):
+            if len(x) != len(y):
+                return f"number of shards {len(x)} vs {len(y)}"
+            for (nx, cx), (ny, cy) in zip(x, y):
+                if (nx, cx) != (ny, cy):
+                    return f"shard {nx} with {cx} items vs {ny} with {cy} items"
+        return f"{key} {x!r} vs {y!r}"
+    if a.get("hash") != b.get("hash"):  # same fields, different digest: one was edited or made by other code
+        return f"hash {a.get('hash')!r} vs {b.get('hash')!r}"
+    return None
 
 
 def _channel_tensor(value: float | Sequence[float], channels: int) -> torch.Tensor:
