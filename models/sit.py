@@ -2,6 +2,8 @@
 
 State-dict keys follow the REPA codebase's SiT (x_embedder, t_embedder, y_embedder,
 blocks.N.*, final_layer.*, pos_embed) so a released REPA checkpoint loads for sampling.
+With cond="memory" (GMem) the condition is a memory snippet (B x memory_dim floats, see gmem.py)
+instead of a class label; only y_embedder differs (y_embedder.proj.*, y_embedder.null_embedding).
 The output has as many channels as the input (velocity only, no learned sigma).
 
 Time convention (used everywhere in this repository): t = 0 is data, t = 1 is noise.
@@ -29,6 +31,8 @@ class SiTConfig:
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
     qk_norm: bool = False
+    cond: str = "class"     # "class": y is a label; "memory": y is a B x memory_dim snippet (GMem)
+    memory_dim: int = 0     # snippet dimension, cond="memory" only
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +89,21 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
+CONDS = ("class", "memory")
+
+
+def _cfg_drop(n: int, device: torch.device, train: bool, p: float, drop: torch.Tensor | None) -> torch.Tensor | None:
+    """Which rows get the null condition: `drop` when given (sampling), else a Bernoulli(p) draw
+    in training, else none."""
+    if drop is not None:
+        if drop.shape != (n,):
+            raise ValueError(f"drop mask has shape {tuple(drop.shape)}, expected ({n},): one flag per sample")
+        return drop.to(device=device, dtype=torch.bool)
+    if train and p > 0:
+        return torch.rand(n, device=device) < p
+    return None
+
+
 class LabelEmbedder(nn.Module):
     """Class embedding; row `num_classes` is the classifier-free-guidance null class."""
 
@@ -94,11 +113,41 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
-    def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
-        if train and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+    def forward(self, labels: torch.Tensor, train: bool, drop: torch.Tensor | None = None) -> torch.Tensor:
+        if labels.is_floating_point():
+            raise ValueError("a class-conditional SiT takes integer labels, got a float tensor (a memory "
+                             "snippet?): build the model with cond='memory' for snippets")
+        drop = _cfg_drop(labels.shape[0], labels.device, train, self.dropout_prob, drop)
+        if drop is not None:
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)
+
+
+class MemoryEmbedder(nn.Module):
+    """GMem conditioning: Linear(snippet) into the adaLN condition, in place of the class embedding.
+
+    Classifier-free guidance replaces the whole embedding of a dropped sample by one learned null
+    vector (like the class table's extra row). Sampling's unconditional branch passes a drop mask
+    and gets that same vector, so it is exactly what training showed the network (GMem instead
+    trains with element-wise dropout and samples with an all-zeros snippet it never saw).
+    """
+
+    def __init__(self, memory_dim: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.memory_dim = memory_dim
+        self.dropout_prob = dropout_prob
+        self.proj = nn.Linear(memory_dim, hidden_size)
+        self.null_embedding = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, snippets: torch.Tensor, train: bool, drop: torch.Tensor | None = None) -> torch.Tensor:
+        if not snippets.is_floating_point() or snippets.shape[1:] != (self.memory_dim,):
+            raise ValueError(f"a memory-conditioned SiT takes B x {self.memory_dim} float snippets, got "
+                             f"{snippets.dtype} {tuple(snippets.shape)}: pass the bank's rows (gmem.MemoryDataset)")
+        emb = self.proj(snippets.to(self.proj.weight.dtype))
+        drop = _cfg_drop(snippets.shape[0], snippets.device, train, self.dropout_prob, drop)
+        if drop is not None:
+            emb = torch.where(drop[:, None], self.null_embedding.to(emb.dtype), emb)
+        return emb
 
 
 class Attention(nn.Module):
@@ -185,7 +234,14 @@ class SiT(nn.Module):
         self.patch_size = c.patch_size
         self.x_embedder = PatchEmbed(c.input_size, c.patch_size, c.in_channels, c.hidden_size)
         self.t_embedder = TimestepEmbedder(c.hidden_size)
-        self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size, c.class_dropout_prob)
+        if c.cond not in CONDS:
+            raise ValueError(f"unknown conditioning {c.cond!r}; choose one of {', '.join(CONDS)}")
+        if c.cond == "memory":
+            if c.memory_dim < 1:
+                raise ValueError(f"cond='memory' needs memory_dim >= 1 (the snippet size), got {c.memory_dim}")
+            self.y_embedder = MemoryEmbedder(c.memory_dim, c.hidden_size, c.class_dropout_prob)
+        else:
+            self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size, c.class_dropout_prob)
         grid = c.input_size // c.patch_size
         pos = torch.from_numpy(sincos_pos_embed_2d(c.hidden_size, grid)).float().unsqueeze(0)
         # Fixed (no gradient); a Parameter as in DiT/REPA, so parameter counts and keys match theirs.
@@ -205,7 +261,10 @@ class SiT(nn.Module):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if isinstance(self.y_embedder, LabelEmbedder):
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        else:  # the null vector starts like a class-table row; proj keeps the xavier init above
+            nn.init.normal_(self.y_embedder.null_embedding, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity and the output starts at zero.
@@ -224,15 +283,19 @@ class SiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_hidden_at: int | None = None
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_hidden_at: int | None = None,
+        drop: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Velocity at (x, t) for labels y (label `num_classes` = unconditional).
+        """Velocity at (x, t) for condition y: labels (B, int; label `num_classes` = unconditional)
+        or, with cond="memory", snippets (B x memory_dim float).
 
+        drop (B, bool) forces the null condition where True and disables the random training
+        dropout: sampling's unconditional branch for either kind of condition.
         return_hidden_at=k also returns the tokens after block k (1-based, shape B x N x D),
         from the same forward pass; None (the default) costs nothing.
         """
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, drop)
         hidden = None
         for i, block in enumerate(self.blocks, start=1):
             x = block(x, c)

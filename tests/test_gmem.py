@@ -1,0 +1,278 @@
+"""GMem: the snippet bank (gmem.py), memory conditioning in SiT, the snippet builder
+(preprocessing/memory.py) and the memorisation check (evaluations/memorisation.py)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import gmem
+from checkpoint import model_from_checkpoint
+from dataset import LatentDataset, read_manifest, write_dataset
+from gmem import MemoryBankError
+from models.sit import SiT, SiTConfig, build_sit, load_sit_state_dict
+
+from conftest import make_easy_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+# ----------------------------------------------------------------------------- the bank
+
+@pytest.fixture
+def data(tmp_path) -> str:
+    return make_easy_dataset(str(tmp_path / "data"), n=10, size=8, shard_size=4)
+
+
+def random_bank(data_dir: str, dim: int = 6, name: str = "test", seed: int = 0, chunk_size: int = 4):
+    manifest = read_manifest(data_dir)
+    raw = np.random.default_rng(seed).standard_normal((manifest["count"], dim)) * 3
+    meta = gmem.write_memory(gmem.memory_dir(data_dir, name), raw, manifest, encoder="test",
+                             settings={"seed": seed}, chunk_size=chunk_size)
+    return raw, meta
+
+
+def test_round_trip_normalised_fp16_rows_in_item_order(data):
+    raw, meta = random_bank(data)
+    path = gmem.memory_dir(data, "test")
+    assert sorted(os.listdir(path)) == ["memory.json", "snippets.npy"]  # chunks removed
+    mem = gmem.open_memory(path, data_manifest=read_manifest(data), dim=6)
+    assert (len(mem), mem.dim, meta["count"], meta["dim"]) == (10, 6, 10, 6)
+    stored = np.load(os.path.join(path, "snippets.npy"))
+    assert stored.dtype == np.float16 and stored.shape == (10, 6)
+    want = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    np.testing.assert_allclose(mem[np.arange(10)].numpy(), want, atol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(stored.astype(np.float32), axis=1), 1.0, atol=gmem.NORM_TOLERANCE)
+    assert torch.equal(mem[3], torch.from_numpy(stored[3].astype(np.float32)))
+    assert meta["fingerprint"] == gmem.memory_fingerprint(meta) == mem.fingerprint
+    assert meta["data"]["hash"] == gmem.data_fingerprint(read_manifest(data))["hash"]
+    # Same inputs, same fingerprint; other content, another one.
+    _, again = random_bank(data, name="again")
+    _, other = random_bank(data, name="other", seed=1)
+    assert again["fingerprint"] == meta["fingerprint"] and other["fingerprint"] != meta["fingerprint"]
+
+
+def test_memory_pickles_small_and_reopens_lazily(data):
+    random_bank(data)
+    mem = gmem.open_dataset_memory(data)
+    first = mem[0]
+    blob = pickle.dumps(mem)
+    assert len(blob) < 4000  # path + metadata, not the rows
+    clone = pickle.loads(blob)
+    assert clone._rows is None and torch.equal(clone[0], first)
+
+
+def test_memory_dataset_gives_each_item_its_own_snippet(data):
+    random_bank(data)
+    base = LatentDataset(data)
+    mem = gmem.open_dataset_memory(data, "test")
+    ds = gmem.MemoryDataset(base, mem)
+    mean, std, snip = ds[7]
+    assert torch.equal(mean, base[7][0]) and torch.equal(snip, mem[7])
+    batch = next(iter(DataLoader(ds, batch_size=4, num_workers=1)))  # pickled into a worker
+    assert batch[2].shape == (4, 6) and batch[2].dtype == torch.float32
+    assert torch.equal(batch[2], mem[[0, 1, 2, 3]])
+
+
+def test_bad_banks_get_one_line_errors(data, tmp_path):
+    manifest = read_manifest(data)
+    path = gmem.memory_dir(data, "test")
+    with pytest.raises(MemoryBankError, match="no memory bank at") as e:
+        gmem.open_memory(path)
+    one_line(e)
+    with pytest.raises(MemoryBankError, match="has no memory bank") as e:
+        gmem.find_memory(data)
+    one_line(e)
+    random_bank(data)
+    with pytest.raises(MemoryBankError, match="holds 6-d snippets but the model expects 8-d") as e:
+        gmem.open_memory(path, dim=8)
+    one_line(e)
+    with pytest.raises(MemoryBankError, match="the checkpoint was trained with 0123456789abcdef") as e:
+        gmem.open_memory(path, fingerprint="0123456789abcdef")
+    one_line(e)
+    bigger = make_easy_dataset(str(tmp_path / "bigger"), n=12, size=8)
+    with pytest.raises(MemoryBankError, match="holds 10 snippets but the dataset has 12 items") as e:
+        gmem.open_memory(path, data_manifest=read_manifest(bigger))
+    one_line(e)
+    other = make_easy_dataset(str(tmp_path / "other"), n=10, size=16)  # same count, other data
+    with pytest.raises(MemoryBankError, match="built for another dataset .latent_shape") as e:
+        gmem.MemoryDataset(LatentDataset(other), gmem.open_memory(path))
+    one_line(e)
+    # Rows rewritten behind memory.json's back.
+    arr = np.load(os.path.join(path, "snippets.npy"))
+    np.save(os.path.join(path, "snippets.npy"), arr[::-1].copy())
+    with pytest.raises(MemoryBankError, match="content hash differs") as e:
+        gmem.open_memory(path)
+    one_line(e)
+    np.save(os.path.join(path, "snippets.npy"), arr)
+    gmem.open_memory(path)
+    meta = json.load(open(os.path.join(path, "memory.json")))
+    meta["dim"] = 7
+    json.dump(meta, open(os.path.join(path, "memory.json"), "w"))
+    with pytest.raises(MemoryBankError, match="was edited") as e:
+        gmem.open_memory(path)
+    one_line(e)
+    with pytest.raises(MemoryBankError, match="20 snippets for a dataset of 10 items"):
+        gmem.write_memory(path, np.ones((20, 3)), manifest, encoder="test")
+
+
+def test_find_memory_picks_the_only_bank_or_asks(data):
+    random_bank(data, name="a")
+    assert gmem.find_memory(data) == gmem.memory_dir(data, "a")
+    random_bank(data, name="b")
+    with pytest.raises(MemoryBankError, match=r"has 2 memory banks \(a, b\)"):
+        gmem.find_memory(data)
+    assert gmem.find_memory(data, "b") == gmem.memory_dir(data, "b")
+    with pytest.raises(MemoryBankError, match="no memory bank 'c'"):
+        gmem.find_memory(data, "c")
+    os.makedirs(os.path.join(gmem.memory_dir(data, "c"), gmem.CHUNK_DIR))
+    with pytest.raises(MemoryBankError, match="is incomplete"):
+        gmem.open_memory(gmem.memory_dir(data, "c"))
+
+
+def test_slerp_follows_the_great_circle():
+    a, b = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.0, 5.0, 0.0]])
+    for w in (0.0, 1 / 3, 0.5, 1.0):
+        out = gmem.slerp(a, b, w)
+        angle = w * math.pi / 2
+        torch.testing.assert_close(out, torch.tensor([[math.cos(angle), math.sin(angle), 0.0]]))
+    ws = torch.tensor([0.0, 0.25, 1.0])
+    out = gmem.slerp(a.expand(3, -1), b.expand(3, -1), ws)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(out[1], torch.tensor([math.cos(math.pi / 8), math.sin(math.pi / 8), 0.0]))
+    # Parallel rows: no 0/0, the (normalised) row itself.
+    torch.testing.assert_close(gmem.slerp(a, 3 * a, 0.5), torch.tensor([[1.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="antipodal"):
+        gmem.slerp(a, -a, 0.5)
+
+
+def test_interpolated_snippets_run_between_two_rows(data):
+    random_bank(data)
+    mem = gmem.open_dataset_memory(data)
+    out = gmem.interpolated_snippets(mem, 2, 5, [0.0, 0.5, 1.0])
+    torch.testing.assert_close(out[0], gmem.l2_normalize(mem[2]))
+    torch.testing.assert_close(out[2], gmem.l2_normalize(mem[5]))
+    torch.testing.assert_close(out[1], gmem.slerp(mem[2:3], mem[5:6], 0.5)[0])
+    with pytest.raises(ValueError, match="outside the bank"):
+        gmem.interpolated_snippets(mem, 0, 10, [0.5])
+
+
+def test_snippet_index_depends_on_seed_and_image_only():
+    idx = gmem.snippet_indices(0, range(4000), 10)
+    assert idx.min() >= 0 and idx.max() < 10
+    assert [gmem.snippet_index(0, i, 10) for i in (17, 3, 17)] == [idx[17], idx[3], idx[17]]
+    counts = np.bincount(idx, minlength=10)
+    chi2 = ((counts - 400) ** 2 / 400).sum()
+    assert chi2 < 30, counts  # 9 degrees of freedom: p < 1e-3
+    assert not np.array_equal(gmem.snippet_indices(1, range(50), 10), idx[:50])
+
+
+# ----------------------------------------------------------------------------- SiT with cond="memory"
+
+def tiny_sit(**kw) -> SiT:
+    torch.manual_seed(0)
+    fields = dict(depth=2, hidden_size=32, num_heads=2, patch_size=4, input_size=8, in_channels=1, num_classes=3)
+    fields.update(kw)
+    model = build_sit(**fields)
+    for p in model.parameters():  # leave adaLN-Zero so the condition reaches the output
+        p.data.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_memory_sit_shapes_and_keys():
+    model = tiny_sit(cond="memory", memory_dim=6)
+    x, t, s = torch.randn(3, 1, 8, 8), torch.rand(3), torch.randn(3, 6)
+    out, hidden = model(x, t, s, return_hidden_at=1)
+    assert out.shape == x.shape and hidden.shape == (3, 4, 32)
+    keys = set(model.state_dict())
+    assert {"y_embedder.proj.weight", "y_embedder.proj.bias", "y_embedder.null_embedding"} <= keys
+    assert not any("embedding_table" in k for k in keys)
+    assert "y_embedder.embedding_table.weight" in build_sit(depth=1, hidden_size=32, num_heads=2, patch_size=4,
+                                                            input_size=8, in_channels=1).state_dict()
+    # The condition matters, and the config round-trips through a checkpoint.
+    assert not torch.allclose(model.eval()(x, t, s), model(x, t, torch.randn(3, 6)))
+    ckpt = {"ema": model.state_dict(), "model_config": model.config.to_dict()}
+    clone = model_from_checkpoint(ckpt, log=lambda m: None)
+    assert clone.config.cond == "memory" and torch.equal(clone.eval()(x, t, s), model(x, t, s))
+
+
+def test_dropped_samples_get_the_learned_null_vector():
+    model = tiny_sit(cond="memory", memory_dim=6).eval()
+    emb = model.y_embedder
+    s = torch.randn(4, 6)
+    drop = torch.tensor([True, False, True, False])
+    out = emb(s, False, drop)
+    assert torch.equal(out[0], emb.null_embedding) and torch.equal(out[2], emb.null_embedding)
+    torch.testing.assert_close(out[[1, 3]], emb.proj(s[[1, 3]]))
+    assert emb.null_embedding.requires_grad and emb.null_embedding.abs().sum() > 0  # learned, not zeros
+    # Through the whole network: a dropped sample's output ignores its snippet.
+    x, t = torch.randn(4, 1, 8, 8), torch.rand(4)
+    a, b = model(x, t, s, drop=drop), model(x, t, torch.randn(4, 6), drop=drop)
+    assert torch.equal(a[drop], b[drop]) and not torch.allclose(a[~drop], b[~drop])
+    # Gradients reach the null vector through dropped samples only.
+    model.train()
+    model(x, t, s, drop=torch.tensor([False] * 4)).sum().backward()
+    assert emb.null_embedding.grad is None or emb.null_embedding.grad.abs().sum() == 0
+    model(x, t, s, drop=drop).pow(2).sum().backward()
+    assert emb.null_embedding.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("p", [0.1, 0.4])
+def test_training_dropout_rate_matches_cfg_prob(p):
+    model = tiny_sit(cond="memory", memory_dim=6, class_dropout_prob=p).train()
+    emb = model.y_embedder
+    n = 20000
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = emb(torch.randn(n, 6), True)
+    dropped = (out == emb.null_embedding).all(1).float().mean().item()
+    assert abs(dropped - p) < 4 * math.sqrt(p * (1 - p) / n), dropped
+    with torch.no_grad():  # eval mode and no mask: never dropped
+        assert not (emb(torch.randn(100, 6), False) == emb.null_embedding).all(1).any()
+
+
+def test_unconditional_branch_at_sampling_equals_the_training_null():
+    model = tiny_sit(cond="memory", memory_dim=6, class_dropout_prob=1.0)
+    x, t, s = torch.randn(3, 1, 8, 8), torch.rand(3), torch.randn(3, 6)
+    with torch.no_grad():
+        trained_null = model.train()(x, t, s)  # p = 1: every sample dropped, as training sees it
+        sampled_null = model.eval()(x, t, torch.zeros(3, 6), drop=torch.ones(3, dtype=torch.bool))
+    assert torch.equal(trained_null, sampled_null)
+    # The same drop mask on the class path is the null class.
+    cls = tiny_sit().eval()
+    y = torch.tensor([0, 1, 2])
+    assert torch.equal(cls(x, t, y, drop=torch.ones(3, dtype=torch.bool)), cls(x, t, torch.full_like(y, 3)))
+    assert torch.equal(cls(x, t, y, drop=torch.zeros(3, dtype=torch.bool)), cls(x, t, y))
+
+
+def test_bad_conditions_get_one_line_errors():
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    mem = tiny_sit(cond="memory", memory_dim=6)
+    for bad in (torch.tensor([0, 1]), torch.randn(2, 5)):
+        with pytest.raises(ValueError, match="takes B x 6 float snippets") as e:
+            mem(x, t, bad)
+        one_line(e)
+    with pytest.raises(ValueError, match="takes integer labels") as e:
+        tiny_sit()(x, t, torch.randn(2, 6))
+    one_line(e)
+    with pytest.raises(ValueError, match="drop mask has shape"):
+        mem(x, t, torch.randn(2, 6), drop=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="needs memory_dim >= 1"):
+        SiT(SiTConfig(depth=1, hidden_size=32, num_heads=2, input_size=8, cond="memory"))
+    with pytest.raises(ValueError, match="unknown conditioning 'text'"):
+        SiT(SiTConfig(depth=1, hidden_size=32, num_heads=2, input_size=8, cond="text"))
+    # A class checkpoint does not load into a memory model: the missing key is named.
+    with pytest.raises(ValueError, match="y_embedder"):
+        load_sit_state_dict(mem, tiny_sit(hidden_size=32).state_dict())
