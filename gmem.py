@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dataset import atomic_write_json, data_fingerprint, fingerprint_mismatch, read_manifest
+from dataset import atomic_write_bytes, atomic_write_json, data_fingerprint, fingerprint_mismatch, read_manifest
 
 MEMORY_VERSION = 1
 MEMORY_PREFIX = "memory-"
@@ -156,12 +157,9 @@ def write_chunk(path: str, index: int, snippets: np.ndarray | torch.Tensor) -> s
         raise MemoryBankError(f"chunk {index}: the encoder produced NaN/inf snippets: rerun in fp32")
     final = chunk_path(path, index)
     os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = f"{final}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    buf = io.BytesIO()  # a chunk is a few MB: serialise, then one atomic write
+    np.save(buf, arr)
+    atomic_write_bytes(final, buf.getvalue())
     return final
 
 
