@@ -23,13 +23,18 @@ import torch.nn.functional as F
 from distributed import all_gather_cat, is_dist
 from memory_bank import MemoryBank
 
-PATH_TYPES = ("linear", "cosine")
+PATH_TYPES = ("linear", "cosine")  # with path_coefficients: the only definition of the paths (samplers use it)
 TIME_SAMPLINGS = ("uniform", "lognormal")
 
 
 # ----------------------------------------------------------------------------- flow matching
 def path_coefficients(path_type: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """alpha_t, sigma_t and their time derivatives, for x_t = alpha_t x + sigma_t eps."""
+    """alpha_t, sigma_t and their time derivatives, for x_t = alpha_t x + sigma_t eps.
+
+    The single definition of the interpolation paths: training (interpolate), the samplers and
+    their score conversion (samplers.path_at, in float64) all call this, so a new path is added
+    here and in PATH_TYPES only. t: a tensor of times; the coefficients keep its dtype and shape.
+    """
     if path_type == "linear":
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
     if path_type == "cosine":
@@ -82,20 +87,18 @@ def _time_mask(t: torch.Tensor, t_max: float) -> torch.Tensor:
     return (t <= t_max).float()
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
 class Repulsor(Regulariser):
     """Pooled hidden state -> MLP head -> unit vector; InfoNCE-style repulsion from the other
     samples of the global batch and a FIFO memory bank of earlier steps' projections.
 
         L_i = logsumexp_n(<z_i, n> / tau) - log(#negatives)
 
-    Negatives: the other samples of the global batch (gradient through this rank's only) and
-    the filled part of the bank (no gradient). Subtracting log(#negatives) turns the sum into
-    a log-mean-exp, so values are comparable across bank sizes. After the loss, this step's
-    projections are enqueued (after, so a sample never meets itself in the bank).
+    Negatives: the other samples of the global batch and the filled part of the bank (no
+    gradient). Subtracting log(#negatives) turns the sum into a log-mean-exp, so values are
+    comparable across bank sizes. The global batch is all-gathered ONCE per micro-step, with
+    gradient (distributed.all_gather_cat), so N ranks x b train exactly like 1 rank x N b;
+    after the loss the same gathered batch is enqueued (after, so a sample never meets itself
+    in the bank).
     """
 
     def __init__(self, hidden_size: int, depth: int, proj_dim: int = 128, proj_hidden: int = 2048,
@@ -121,8 +124,13 @@ class Repulsor(Regulariser):
 
     def forward(self, hidden: torch.Tensor | None, t: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.project(hidden)
-        loss, logs = repulsor_loss(z, self.bank.negatives(), self.temperature, _time_mask(t, self.t_max))
-        self.bank.enqueue(z)
+        if self.t_max >= 1:  # t < 1 always: keep every anchor, gather z alone
+            batch, mask = all_gather_cat(z), None
+        else:  # the mask rides along as an extra column: still one all-gather
+            gathered = all_gather_cat(torch.cat([z, _time_mask(t, self.t_max)[:, None]], dim=1))
+            batch, mask = gathered[:, :-1], gathered[:, -1]
+        loss, logs = repulsor_loss(z, self.bank.negatives(), self.temperature, mask, batch=batch)
+        self.bank.enqueue(batch.detach())
         logs["bank_fill"] = torch.tensor(self.bank.fill_fraction)
         return {"reg": loss, **logs}
 
@@ -134,25 +142,29 @@ class Repulsor(Regulariser):
             self.bank.load_state_dict(state["bank"])
 
 
-def repulsor_loss(z: torch.Tensor, bank: torch.Tensor, temperature: float,
-                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Repulsor loss of this rank's unit vectors z (b x d) against the global batch and `bank`.
+def repulsor_loss(z: torch.Tensor, bank: torch.Tensor, temperature: float, mask: torch.Tensor | None = None,
+                  batch: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Repulsor loss of this rank's unit vectors z (b x d, the anchors) against the global batch
+    and `bank`. fp32 even under autocast.
 
-    The global batch is all-gathered in rank order; this rank's slot is replaced by z itself
-    so gradient flows through the local negatives but not the gathered ones. fp32 even under
-    autocast. The batch and bank blocks get separate logsumexps joined by logaddexp: no
-    concatenated b x (B + K) logits and one division by tau on z, not on the logits.
+    batch: the global batch, all_gather_cat(z) (gathered here when None); z sits at rows
+    rank * b. Its gradient reaches every rank's z through the gather's backward.
+    mask: anchor weights for the GLOBAL batch (length B, rank order; None = all ones). The
+    value is sum_local(m l) * (B / b) / sum_global(m): its mean over ranks, what DDP optimises,
+    is the masked mean over the global batch, as on one process holding all of it.
+    The batch and bank blocks get separate logsumexps joined by logaddexp: no concatenated
+    b x (B + K) logits and one division by tau on z, not on the logits.
     """
     with torch.autocast(z.device.type, enabled=False):
         z = z.float()
-        b = z.shape[0]
+        batch = all_gather_cat(z) if batch is None else batch.float()
+        b, n = z.shape[0], batch.shape[0]
         rank = dist.get_rank() if is_dist() else 0
-        gathered = all_gather_cat(z)
-        batch = torch.cat([gathered[: rank * b], z, gathered[(rank + 1) * b:]])
         zt = z / temperature
         logits_batch = zt @ batch.T  # b x B
-        self_idx = torch.arange(b, device=z.device) + rank * b
-        logits_batch = logits_batch.masked_fill(F.one_hot(self_idx, batch.shape[0]).bool(), float("-inf"))
+        cols = torch.arange(n, device=z.device)
+        is_self = cols[None, :] == cols[rank * b: (rank + 1) * b, None]  # (not one_hot: it checks values on the host)
+        logits_batch = logits_batch.masked_fill(is_self, float("-inf"))
         lse = torch.logsumexp(logits_batch, dim=1)
         logs = {}
         if bank.shape[0]:
@@ -161,9 +173,12 @@ def repulsor_loss(z: torch.Tensor, bank: torch.Tensor, temperature: float,
             lse = torch.logaddexp(lse, torch.logsumexp(logits_bank, dim=1))
             with torch.no_grad():
                 logs = {"bank_cos_mean": logits_bank.mean() * temperature, "bank_cos_max": logits_bank.max() * temperature}
-        per_sample = lse - math.log(batch.shape[0] - 1 + bank.shape[0])
-        mask = torch.ones(b, device=z.device) if mask is None else mask
-        return _masked_mean(per_sample, mask), logs
+        per_sample = lse - math.log(n - 1 + bank.shape[0])
+        if mask is None:
+            return per_sample.mean(), logs
+        mask = mask.to(z.device, torch.float32)
+        local = mask[rank * b: (rank + 1) * b]
+        return (per_sample * local).sum() * (n / b) / mask.sum().clamp(min=1), logs
 
 
 class Dispersive(Regulariser):
@@ -189,9 +204,8 @@ class Dispersive(Regulariser):
 
     def forward(self, hidden: torch.Tensor | None, t: torch.Tensor) -> dict[str, torch.Tensor]:
         z = hidden.reshape(hidden.shape[0], -1).float()
-        keep = _time_mask(t, self.t_max).bool()
-        if not keep.all():
-            z = z[keep]
+        if self.t_max < 1:  # ablation only: boolean indexing syncs with the host; t < 1 always, so
+            z = z[t <= self.t_max]  # the default t_max 1 decides in Python and never syncs
         if z.shape[0] < 2:
             return {"reg": hidden.sum() * 0.0}
         return {"reg": dispersive_loss(z, self.variant, self.temperature, self.margin)}
@@ -212,7 +226,8 @@ def _dispersive_fp32(z: torch.Tensor, variant: str, temperature: float, margin: 
         dist2 = dist2.masked_fill(~off_diag, 0.0)  # exact zeros on the diagonal
         if variant == "infonce_l2":
             return torch.logsumexp((-dist2 / temperature).reshape(-1), 0) - math.log(n * n)
-        return F.relu(margin - dist2[off_diag]).pow(2).mean()
+        # Mean over i != j without boolean indexing (a device->host sync on GPUs).
+        return F.relu(margin - dist2).pow(2).masked_fill(~off_diag, 0.0).sum() / (n * (n - 1))
     if variant == "infonce_cos":
         u = F.normalize(z, dim=1)
         return torch.logsumexp((u @ u.T / temperature).reshape(-1), 0) - math.log(n * n)

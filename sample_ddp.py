@@ -5,15 +5,20 @@
 
 Everything about the model (config, latent scale/shift, VAE, classes, path) comes from the
 checkpoint. Image i gets its noise (initial and SDE) from its own generator, seeded from
-(seed, i), and with --class-balanced the label i % num_classes, so the inputs of every image do
-not depend on the number of ranks, the batch size or the chunk size. The outputs are then
-bitwise identical as far as the network's arithmetic is batch-independent: in float64 (or
---precision fp64) in practice; in fp32 / bf16 different batch sizes can round a few uint8
-values differently (see benchmarks/sampling.py), which no metric notices.
+(seed, i), and its label drawn uniformly at random from its own hash of (seed, i), as
+ADM/DiT/SiT/REPA draw labels (--class-balanced: label i % num_classes instead), so the inputs of
+every image do not depend on the number of ranks, the batch size or the chunk size. The outputs
+are then bitwise identical as far as the network's arithmetic is batch-independent: in float64
+(--precision fp64) in practice; in fp32 / bf16 different batch sizes can round a few uint8
+values differently (see benchmarks/sampling.py), which no metric notices. TF32 matmuls and
+convolutions are allowed on GPUs by default, as in REPA's generate.py (--no-tf32: true fp32).
 
 For --out X.npz: the index space 0..N-1 is cut into fixed chunks of --chunk-size images; rank r
 generates pending chunks r, r + W, ... and saves each finished chunk atomically under X.parts/.
-A rerun with the same settings skips finished chunks (other settings: refused). Rank 0 then
+A rerun with the same settings skips finished chunks, or does nothing if X.npz is finished. A
+rerun with other settings (or a different --num-samples for a finished set) is refused, naming
+what changed, unless --overwrite, which removes the earlier set or chunks first. Everything is
+checked before any directory is created. Rank 0 then
 streams the chunks into X.npz (arr_0 uint8 N x H x W x 3 and arr_1 int64 labels, as ADM's
 class-conditional sample files) without a PNG round trip, writes X.grid.png (the first 64
 images) and X.json (settings and timing), and removes X.parts/ unless --keep-parts.
@@ -30,9 +35,14 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 import zipfile
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+if __name__ == "__main__":  # the repository's modules, from any working directory (also under python -P)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np
 import torch
@@ -41,9 +51,9 @@ import torch.distributed as dist
 from checkpoint import CheckpointError, load_checkpoint
 from dataset import DataError
 from distributed import DistInfo, init_distributed, is_dist
+from loss import PATH_TYPES
 from samplers import (
     DEFAULT_STEPS,
-    PATH_TYPES,
     SampleError,
     SamplingSetup,
     generate,
@@ -52,7 +62,7 @@ from samplers import (
     setup_from_checkpoint,
 )
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp64")
+PRECISIONS = ("fp32", "bf16", "fp64")
 SETTINGS_FILE = "settings.json"
 
 
@@ -73,15 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None,
                    help="diffusers AutoencoderKL hub id or local dir, or none for pixel space "
                         "(default: the checkpoint's)")
-    p.add_argument("--class-balanced", action=argparse.BooleanOptionalAction, default=True,
-                   help="image i gets label i %% num_classes (default on); off: labels drawn from each image's seed")
+    p.add_argument("--class-balanced", action=argparse.BooleanOptionalAction, default=False,
+                   help="image i gets label i %% num_classes; default off: labels uniformly at random, drawn "
+                        "per image from (seed, i), as ADM/DiT/SiT/REPA")
     p.add_argument("--save-png", action="store_true", help="also write every image as OUT-png/NNNNNN.png")
     p.add_argument("--chunk-size", type=int, default=250, help="images per resumable chunk (default 250)")
     p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ after the .npz is written")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished OUT.npz (or OUT.parts/, OUT-png/) made with other settings; "
+                        "without it such a rerun is refused")
     p.add_argument("--grid-images", type=int, default=64, help="images in OUT.grid.png (default 64)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32 (default; TF32 off), tf32 (TF32 matmuls on GPU, as DiT/REPA), bf16 (autocast), fp64 "
-                        "(model and VAE in float64: slow; removes batch-size effects on the result in practice)")
+                   help="fp32 (default), bf16 (autocast), fp64 (model and VAE in float64: slow; removes "
+                        "batch-size effects on the result in practice)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="allow TF32 in CUDA matmuls and convolutions (default on, as REPA's generate.py; "
+                        "about 4x faster than --no-tf32 on H100; no effect on CPU or with fp64)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights (default ema)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
     g = p.add_argument_group("checkpoints without a model config (e.g. REPA's released SiT-XL/2)")
@@ -151,6 +168,39 @@ class OutPaths:
         base = out[:-4]
         self.npz, self.json, self.grid = out, base + ".json", base + ".grid.png"
         self.parts, self.png = base + ".parts", base + "-png"
+
+
+def check_writable(paths: OutPaths) -> None:
+    """Fail early, with one line, if --out cannot be written; creates nothing (a temporary file is
+    made and removed in the nearest existing directory)."""
+    nearest = os.path.dirname(os.path.abspath(paths.parts))
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    if os.path.isdir(paths.parts):
+        nearest = paths.parts  # chunks go there
+    where = f"output {paths.npz!r} is not writable"
+    if not os.path.isdir(nearest):
+        raise SampleError(f"{where}: {nearest} is a file, not a directory: choose another --out")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise SampleError(f"{where}: no write permission in {nearest}: choose another --out")
+    try:
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as e:  # read-only file system, or a directory such as /proc that takes no files
+        raise SampleError(f"{where} ({e.strerror or e} in {nearest}): choose another --out") from None
+
+
+@contextmanager
+def tf32_allowed(enabled: bool) -> Iterator[None]:
+    """Allow (or forbid) TF32 in CUDA matmuls and cuDNN convolutions for one run, then restore
+    torch's previous flags: importing or calling sample_ddp leaves no global state behind.
+    (The flags only affect CUDA; on CPU they are set but change nothing.)"""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def chunk_ranges(n: int, size: int) -> list[tuple[int, int]]:
@@ -276,18 +326,20 @@ def check_args(args: argparse.Namespace) -> None:
         raise SampleError(f"--cfg-scale must be a finite number >= 0, got {args.cfg_scale}")
 
 
+def not_writable(paths: OutPaths, e: OSError) -> SampleError:
+    return SampleError(f"output {paths.npz!r} is not writable ({e.strerror or e}: {e.filename or paths.parts}): "
+                       "choose another --out")
+
+
 def prepare_output(paths: OutPaths, rank: int) -> None:
-    """Create the output and parts directories and prove they are writable (each rank writes chunks)."""
+    """Prove that this rank can write into the parts directory rank 0 created (chunks go there)."""
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(paths.npz)), exist_ok=True)
-        os.makedirs(paths.parts, exist_ok=True)
         probe = os.path.join(paths.parts, f".probe-{rank}-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise SampleError(f"output {paths.npz!r} is not writable ({e.strerror or e}: "
-                          f"{e.filename or paths.parts}): choose another --out") from None
+        raise not_writable(paths, e) from None
 
 
 def load_setup(args: argparse.Namespace, info: DistInfo, log) -> tuple[SamplingSetup, Any, str]:
@@ -317,10 +369,10 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     num_steps = args.num_steps if args.num_steps is not None else DEFAULT_STEPS[args.mode]
 
     err = None
-    try:
+    try:  # everything that can be checked without loading anything; creates nothing
         check_args(args)
         paths = OutPaths(args.out or default_out(args, num_steps))
-        prepare_output(paths, rank)
+        check_writable(paths)
     except SampleError as e:
         err = str(e)
     agree(err)
@@ -338,36 +390,39 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     settings = dict(
         weights=args.weights, step=setup.step, mode=args.mode, num_steps=num_steps, heun=args.heun,
         cfg_scale=args.cfg_scale, guidance_low=args.guidance_low, guidance_high=args.guidance_high,
-        path_type=setup.path_type, seed=args.seed, class_balanced=args.class_balanced,
+        path_type=setup.path_type, seed=args.seed, labels=label_scheme(args),
         num_classes=setup.num_classes, latent_shape=list(setup.latent_shape),
         latent_scale=setup.scale.flatten().tolist(), latent_shift=setup.shift.flatten().tolist(),
-        vae=vae_name, precision=args.precision,
+        vae=vae_name, precision=args.precision, tf32=tf32_setting(args),
     )
     chunks = chunk_ranges(args.num_samples, args.chunk_size)
     state: dict[str, Any] = {"error": None, "done": False, "pending": []}
     if info.is_main:
         settings["model_sha"] = fingerprint(setup.model)
         settings["vae_sha"] = fingerprint(vae)
-        state = plan(paths, settings, chunks, args, log)
+        try:
+            state = plan(paths, settings, args)
+            if not state["done"]:
+                state["pending"] = start_parts(paths, settings, chunks, state.pop("remove"), log)
+        except SampleError as e:
+            state = {"error": str(e), "done": False, "pending": []}
     state = broadcast(state)
     settings = broadcast(settings)
     agree(state["error"] if info.is_main else None)
     if state["done"]:
-        if info.is_main:
-            try:
-                os.rmdir(paths.parts)  # made empty by prepare_output
-            except OSError:
-                pass
         log(f"{paths.npz} is already complete with these settings: nothing to do")
         return
+    err = None
+    try:
+        prepare_output(paths, rank)
+    except SampleError as e:
+        err = str(e)
+    agree(err)
     if args.class_balanced and args.num_samples % setup.num_classes:
         log(f"note: {args.num_samples} images over {setup.num_classes} classes: the first "
             f"{args.num_samples % setup.num_classes} classes get one image more than the others")
 
-    # Precision (after fingerprinting, which hashes the checkpoint's own weights).
-    if info.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
-        torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
+    # Precision (after fingerprinting, which hashes the checkpoint's own weights); TF32: see main().
     model = setup.model.to(info.device, torch.float64 if args.precision == "fp64" else torch.float32)
     setup.model = model
     autocast = torch.bfloat16 if args.precision == "bf16" else None
@@ -378,7 +433,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     total_new = sum(e - s for s, e in pending)
     log(f"sampling {args.num_samples} images ({args.mode}, {num_steps} steps{', Heun' if args.heun else ''}, "
         f"cfg {args.cfg_scale:g} on t in [{args.guidance_low:g}, {args.guidance_high:g}], {setup.path_type} "
-        f"path, vae {vae_name}, {args.precision}) on {world} rank(s); {len(chunks) - len(pending)} of "
+        f"path, vae {vae_name}, {args.precision}{', TF32' if settings['tf32'] else ''}, "
+        f"{settings['labels']} labels) on {world} rank(s); {len(chunks) - len(pending)} of "
         f"{len(chunks)} chunks already done, {total_new} images to go -> {paths.npz}")
 
     from tqdm import tqdm
@@ -422,32 +478,80 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
                               f"images {missing[0][0]}..{missing[0][1] - 1}: was it modified meanwhile? rerun")
         time.sleep(1.0)
     seconds = time.time() - t0
-    assemble(paths, chunks, settings, args, world, total_new, seconds, log)
+    assemble(paths, chunks, settings, args, world, info.device.type, total_new, seconds, log)
 
 
-def plan(paths: OutPaths, settings: dict, chunks: list[tuple[int, int]], args: argparse.Namespace, log) -> dict:
-    """Rank 0: compare with an earlier run's settings and list the chunks still to make."""
-    done_info = _read_json(paths.json)
-    if (done_info and done_info.get("settings") == settings and done_info.get("num_samples") == args.num_samples
-            and os.path.isfile(paths.npz)):
+def label_scheme(args: argparse.Namespace) -> str:
+    return "class-balanced" if args.class_balanced else "uniform"
+
+
+def tf32_setting(args: argparse.Namespace) -> bool:
+    """Whether TF32 may round this run's fp32 matmuls / convolutions (on CUDA; fp64 never uses it)."""
+    return bool(args.tf32) and args.precision != "fp64"
+
+
+def describe_changes(old: dict, new: dict) -> str:
+    diff = [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+    more = f"; and {len(diff) - 4} more" if len(diff) > 4 else ""
+    return "; ".join(diff[:4]) + more
+
+
+def plan(paths: OutPaths, settings: dict, args: argparse.Namespace) -> dict:
+    """Rank 0, before anything is created: is the set already finished, and what did an earlier run
+    with other settings leave at --out? That is refused (SampleError naming what changed) unless
+    --overwrite, which lists it under "remove". Chunks made with these settings are kept."""
+    wanted = dict(settings, num_samples=args.num_samples)
+    info = _read_json(paths.json)
+    finished = dict(info.get("settings") or {}, num_samples=info.get("num_samples")) if info else None
+    if finished == wanted and os.path.isfile(paths.npz):
         return {"error": None, "done": True, "pending": []}
+    stale: list[tuple[str, list[str]]] = []  # (what, paths that --overwrite removes)
+    if os.path.exists(paths.npz):
+        why = f"was made with other settings ({describe_changes(finished, wanted)})" if finished else (
+            f"has no readable {os.path.basename(paths.json)} to say how it was made")
+        stale.append((f"the finished set {paths.npz} {why}", [paths.npz, paths.json, paths.grid]))
+    old = _read_json(os.path.join(paths.parts, SETTINGS_FILE))
+    resuming = old == settings
+    if os.path.isdir(paths.parts) and not resuming:
+        if old is not None:
+            stale.append((f"{paths.parts} holds chunks made with other settings ({describe_changes(old, settings)})",
+                          [paths.parts]))
+        elif any(name.endswith(".npy") for name in os.listdir(paths.parts)):
+            stale.append((f"{paths.parts} holds chunks without a {SETTINGS_FILE}", [paths.parts]))
+    if os.path.isdir(paths.png) and not resuming:  # save_pngs keeps existing files: they must be ours
+        stale.append((f"{paths.png} holds images of an earlier run", [paths.png]))
+    if stale and not args.overwrite:
+        more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
+        raise SampleError(f"{stale[0][0]}{more}: pass --overwrite to replace it, or choose another --out")
+    return {"error": None, "done": False, "remove": [p for _, ps in stale for p in ps]}
+
+
+def start_parts(paths: OutPaths, settings: dict, chunks: list[tuple[int, int]], remove: list[str],
+                log) -> list[tuple[int, int]]:
+    """Rank 0, once every check has passed: remove what --overwrite replaces, create X.parts/ with
+    its settings file, and list the chunks still to make."""
     settings_path = os.path.join(paths.parts, SETTINGS_FILE)
-    old = _read_json(settings_path)
-    if old is not None and old != settings:
-        diff = [f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now" for k in sorted(set(old) | set(settings))
-                if old.get(k) != settings.get(k)]
-        more = f"; and {len(diff) - 4} more" if len(diff) > 4 else ""
-        return {"error": f"{paths.parts} holds chunks made with other settings ({'; '.join(diff[:4])}{more}): "
-                         "delete it or choose another --out", "done": False, "pending": []}
-    if old is None:
-        _atomic_write_json(settings_path, settings)
+    try:
+        for path in remove:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        if remove:
+            log(f"--overwrite: removed {', '.join(remove)}")
+        os.makedirs(paths.parts, exist_ok=True)
+        if _read_json(settings_path) is None:
+            _atomic_write_json(settings_path, settings)
+    except OSError as e:
+        raise not_writable(paths, e) from None
     pending = [c for c in chunks if not chunk_done(paths.parts, *c)]
     if len(pending) < len(chunks):
         log(f"resuming: {len(chunks) - len(pending)} of {len(chunks)} chunks already done in {paths.parts}")
-    return {"error": None, "done": False, "pending": pending}
+    return pending
 
 
-def assemble(paths: OutPaths, chunks, settings: dict, args: argparse.Namespace, world: int,
+def assemble(paths: OutPaths, chunks, settings: dict, args: argparse.Namespace, world: int, device: str,
              total_new: int, seconds: float, log) -> None:
     files = [chunk_files(paths.parts, s, e) for s, e in chunks]
     t0 = time.time()
@@ -473,7 +577,9 @@ def assemble(paths: OutPaths, chunks, settings: dict, args: argparse.Namespace, 
         settings=settings, num_samples=args.num_samples, ckpt=os.path.abspath(args.ckpt),
         shape=[args.num_samples, *np.load(files[0][0], mmap_mode="r").shape[1:]],
         class_counts=dict(min=int(counts.min()), max=int(counts.max())),
-        world_size=world, per_proc_batch_size=args.per_proc_batch_size, chunk_size=args.chunk_size,
+        labels=("uniform at random per image from (seed, i)" if settings["labels"] == "uniform"
+                else "class-balanced: image i has label i % num_classes"),
+        world_size=world, device=device, per_proc_batch_size=args.per_proc_batch_size, chunk_size=args.chunk_size,
         images_generated_this_run=total_new, sampling_seconds=round(seconds, 3),
         images_per_second=None if rate is None else round(rate, 3), npz_seconds=round(npz_seconds, 3),
         finished=time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -490,7 +596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = init_distributed(args.device)
     code = 0
     try:
-        run(args, info)
+        with tf32_allowed(tf32_setting(args)):  # set here only, restored on return
+            run(args, info)
     except (SampleError, CheckpointError, DataError) as e:
         if info.is_main or not isinstance(e, AgreedError):
             print(f"error: {e}", file=sys.stderr)

@@ -3,19 +3,26 @@
 - `sample`: Euler / Heun probability-flow ODE and the Euler-Maruyama SDE in the REPA form,
   classifier-free guidance on all channels with a guidance interval in t.
 - `make_inputs`: per-image noise, labels and SDE generators from (seed, image index), so a
-  sample set does not depend on how images are split over ranks and batches.
+  sample set does not depend on how images are split over ranks and batches; `uniform_index`
+  is the per-image draw behind the labels (reusable for any other per-image choice).
 - `decode`, `to_uint8`, `load_vae`, `save_grid`: latents -> pixels -> uint8 images -> PNG grid.
 - `setup_from_checkpoint` / `generate`: everything needed to go from a checkpoint to images,
   shared by sample_ddp.py and train.py's `--sample-every` grids.
 
 Conventions (as models/sit.py): t = 0 is data, t = 1 is noise, x_t = alpha_t x + sigma_t eps and
-the model predicts v = d/dt x_t = alpha'_t x + sigma'_t eps.
-  linear: alpha = 1 - t,          sigma = t
-  cosine: alpha = cos(pi t / 2),  sigma = sin(pi t / 2)
+the model predicts v = d/dt x_t = alpha'_t x + sigma'_t eps. The paths (alpha, sigma and their
+derivatives) are defined once, in loss.py (`path_coefficients`, `PATH_TYPES`), and used from there
+by training, these samplers and the score conversion: a new path is added in loss.py only.
 
 Score from velocity. Eliminating x from (x_t, v):  v = (alpha'/alpha) x_t + (sigma' - alpha' sigma/alpha) eps, so
     eps_hat = (alpha v - alpha' x_t) / (alpha sigma' - alpha' sigma),   score = -eps_hat / sigma.
 The denominator is 1 for the linear path and pi/2 for the cosine path (never zero).
+
+Heun with a guidance interval: guidance is decided by the time of each model evaluation, so the
+predictor at t and the corrector at t_next of one step can differ (guided at one, not the other).
+REPA's sampler decides both by the step's start time t. Ours integrates the same piecewise field
+the Euler sampler sees; the two differ only in the (at most two) steps that straddle an interval
+edge. The SDE makes one evaluation per step, so there the rules coincide.
 
 SDE (REPA form). For any w(t) >= 0 the reverse-time SDE
     dx = [v - w/2 * score] dt + sqrt(w) dW      (dt < 0, from t = 1 to 0)
@@ -35,10 +42,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-PATH_TYPES = ("linear", "cosine")
+import loss  # the one definition of the interpolation paths (path_coefficients, PATH_TYPES)
+
 MODES = ("ode", "sde")
 DEFAULT_STEPS = {"ode": 50, "sde": 250}  # REPA's defaults: 50-step ODE, 250-step SDE for FID
 SDE_LAST_T = 0.04  # REPA's SDE grid ends at 0.04, then one deterministic step to 0
+LABEL_STREAM = 1  # image_seed stream of the labels (stream 0: initial and SDE noise)
 
 # A checkpoint without a data manifest (e.g. REPA's released SiT-XL/2) was trained on SD-VAE latents
 # of 256 px ImageNet with the usual 0.18215 scale and no shift, as in REPA's own sampler.
@@ -53,19 +62,21 @@ class SampleError(ValueError):
 # Paths and the score
 
 
-def path_coefficients(t: float, path_type: str) -> tuple[float, float, float, float]:
-    """(alpha_t, sigma_t, d alpha/dt, d sigma/dt) of the interpolant x_t = alpha_t x + sigma_t eps."""
-    if path_type == "linear":
-        return 1.0 - t, t, -1.0, 1.0
-    if path_type == "cosine":
-        h = math.pi / 2
-        return math.cos(h * t), math.sin(h * t), -h * math.sin(h * t), h * math.cos(h * t)
-    raise SampleError(f"unknown path type {path_type!r}; choose one of {', '.join(PATH_TYPES)}")
+def check_path_type(path_type: str) -> None:
+    if path_type not in loss.PATH_TYPES:
+        raise SampleError(f"unknown path type {path_type!r}; choose one of {', '.join(loss.PATH_TYPES)}")
+
+
+def path_at(path_type: str, t: float) -> tuple[float, float, float, float]:
+    """loss.path_coefficients at one time, in float64, as Python floats:
+    (alpha_t, sigma_t, d alpha/dt, d sigma/dt) of x_t = alpha_t x + sigma_t eps."""
+    check_path_type(path_type)
+    return tuple(float(c) for c in loss.path_coefficients(path_type, torch.tensor(float(t), dtype=torch.float64)))
 
 
 def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: float, path_type: str = "linear") -> torch.Tensor:
     """Score grad log p_t(x) implied by the velocity v at (x, t); t must be > 0 (sigma_t > 0)."""
-    alpha, sigma, d_alpha, d_sigma = path_coefficients(t, path_type)
+    alpha, sigma, d_alpha, d_sigma = path_at(path_type, t)
     eps_hat = (alpha * v - d_alpha * x) / (alpha * d_sigma - d_alpha * sigma)
     return -eps_hat / sigma
 
@@ -120,13 +131,17 @@ def sample(
     """Integrate from noise (t = 1) to data (t = 0) and return the t = 0 sample in fp32.
 
     mode "ode": Euler, or Heun with `heun=True` (last step Euler, as EDM/REPA: NFE = 2N - 1).
+    path_type: one of loss.PATH_TYPES (the score conversion of the SDE depends on it).
     mode "sde": Euler-Maruyama, REPA form (module docstring); num_steps model evaluations.
     num_steps None = 250 for the SDE, 50 for the ODE.
     Guidance: v = v_u + cfg_scale (v_c - v_u) on every channel, only at evaluation times t with
     guidance_low <= t <= guidance_high; cfg_scale == 1 never runs the unconditional pass. Both
     halves go through one batched forward. null_class defaults to model.config.num_classes.
+    Heun: the corrector (evaluated at t_next) is guided iff t_next is in the interval, not by the
+    step's start time as in REPA's sampler (module docstring).
     generator (SDE noise): one generator for the batch, or one per image, which makes every
-    image's noise independent of the batch it is in (what sample_ddp.py relies on).
+    image's noise independent of the batch it is in (what sample_ddp.py relies on); per-image CPU
+    generators feed a CUDA device through pinned memory (per_image_noise).
     The time grid and the state are float64; the model sees inputs in its own dtype (optionally
     under autocast_dtype autocast). The model is put in eval mode for the call (label dropout off).
     """
@@ -139,7 +154,7 @@ def sample(
         raise SampleError(f"the number of steps must be at least 1, got {num_steps}")
     if not guidance_low <= guidance_high:
         raise SampleError(f"guidance interval [{guidance_low}, {guidance_high}] is empty: low must be <= high")
-    path_coefficients(0.5, path_type)  # validates path_type
+    check_path_type(path_type)
     if noise.ndim != 4 or labels.shape != (noise.shape[0],):
         raise SampleError(f"noise must be B x C x H x W and labels B, got {tuple(noise.shape)} and "
                           f"{tuple(labels.shape)}")
@@ -172,7 +187,9 @@ def sample(
 
     def sde_noise() -> torch.Tensor:
         shape = tuple(noise.shape)
-        if per_image:  # drawn on each generator's device (CPU in sample_ddp: same set on any device)
+        if per_image and all(g.device.type == "cpu" for g in generator):
+            z = per_image_noise(generator, shape[1:], device)  # sample_ddp: the same set on any device
+        elif per_image:
             z = torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator])
         elif generator is not None:
             z = torch.randn(shape, generator=generator, device=generator.device)
@@ -192,8 +209,9 @@ def sample(
             if mode == "ode":
                 x_next = x + dt * v
                 if heun and i < num_steps - 1:
-                    # Trapezoidal correction; guidance is decided by the time of each evaluation,
-                    # so the integrated field is the same piecewise field the Euler sampler sees.
+                    # Trapezoidal correction. Guidance is decided by the time of each evaluation
+                    # (t_next here; REPA uses the step's start t): the integrated field is the
+                    # same piecewise field the Euler sampler sees.
                     x_next = x + dt * 0.5 * (v + velocity(x_next, t_next))
                 x = x_next
             else:
@@ -211,21 +229,35 @@ def sample(
 # Per-image inputs
 
 
-def image_seed(seed: int, index: int) -> int:
-    """64-bit seed of image `index` in a set made with `seed`.
+def image_seed(seed: int, index: int, stream: int = 0) -> int:
+    """64-bit seed of stream `stream` of image `index` in a set made with `seed`.
 
-    numpy's SeedSequence hashes the pair (documented algorithm, stable across versions), so no two
-    (seed, index) pairs share a stream, unlike seed * K + index, which collides once index >= K.
+    numpy's SeedSequence hashes (seed, index, stream) (documented algorithm, stable across
+    versions), so no two triples share a seed, unlike seed * K + index, which collides once
+    index >= K. Stream 0 (the same hash as the pair (seed, index)) seeds the noise generator.
     """
-    if seed < 0 or index < 0:
-        raise SampleError(f"seed and image index must be >= 0, got {seed} and {index}")
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
+    if min(seed, index, stream) < 0:
+        raise SampleError(f"seed, image index and stream must be >= 0, got {seed}, {index} and {stream}")
+    return int(np.random.SeedSequence([seed, index, stream]).generate_state(1, dtype=np.uint64)[0])
 
 
-def class_balanced_label(index: int, num_classes: int) -> int:
-    """Label of image `index` in a class-balanced set: classes in order 0, 1, ..., K-1, 0, 1, ...
-    so any prefix of the set is balanced too, and N divisible by K gives exactly N / K per class."""
-    return index % num_classes
+def uniform_index(seed: int, index: int, n: int, stream: int) -> int:
+    """A uniform draw from 0..n-1 for image `index` of set `seed`, from its own hash (seed, index,
+    stream): independent of the image's noise and of how the set is split over ranks and batches.
+    (The modulo bias is below n / 2**64.) Labels use stream LABEL_STREAM; another per-image choice,
+    e.g. a memory-bank entry, takes the next free stream."""
+    if n < 1:
+        raise SampleError(f"cannot draw from an empty range (n = {n})")
+    return image_seed(seed, index, stream) % n
+
+
+def draw_label(seed: int, index: int, num_classes: int, class_balanced: bool = False) -> int:
+    """Label of image `index`: uniform at random from (seed, index), as ADM/DiT/SiT/REPA draw theirs,
+    or with class_balanced the classes in order 0, 1, ..., K-1, 0, 1, ... (index % K: any prefix of
+    the set is balanced too, and N divisible by K gives exactly N / K per class)."""
+    if class_balanced:
+        return index % num_classes
+    return uniform_index(seed, index, num_classes, LABEL_STREAM)
 
 
 def make_inputs(
@@ -234,23 +266,38 @@ def make_inputs(
     seed: int,
     latent_shape: Sequence[int],
     num_classes: int,
-    class_balanced: bool = True,
+    class_balanced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Generator]]:
     """Noise (B x C x H x W fp32, CPU), labels (B, int64) and per-image CPU generators for SDE noise.
 
-    Image i owns the CPU generator seeded with image_seed(seed, i). From it, in this order: the
-    initial noise (C x H x W standard normal, fp32), one label draw (always made, used only when
-    class_balanced is False, so the SDE stream that follows is the same either way), then,
-    inside `sample`, the SDE noise of every step.
+    Image i owns the CPU generator seeded with image_seed(seed, i): first the initial noise
+    (C x H x W standard normal, fp32), then, inside `sample`, the SDE noise of every step. Its
+    label comes from draw_label (its own stream, so the label scheme does not change the noise).
     """
     noises, labels, gens = [], [], []
     for i in indices:
         g = torch.Generator(device="cpu").manual_seed(image_seed(seed, int(i)))
         noises.append(torch.randn(tuple(latent_shape), generator=g))
-        drawn = int(torch.randint(num_classes, (1,), generator=g))
-        labels.append(class_balanced_label(int(i), num_classes) if class_balanced else drawn)
+        labels.append(draw_label(seed, int(i), num_classes, class_balanced))
         gens.append(g)
     return torch.stack(noises), torch.tensor(labels, dtype=torch.int64), gens
+
+
+def per_image_noise(generators: Sequence[torch.Generator], shape: Sequence[int],
+                    device: torch.device | str) -> torch.Tensor:
+    """One fp32 standard-normal draw of `shape` from each CPU generator, stacked (B x shape), on `device`.
+
+    CPU generators make the set the same on any device. For a CUDA device the draws are written
+    into pinned memory and copied with non_blocking=True: a copy from pageable memory would block
+    the host every SDE step until the GPU caught up. (torch's pinned-memory cache does not reuse
+    the buffer before its copy has finished.)
+    """
+    device = torch.device(device)
+    pin = device.type == "cuda"
+    host = torch.empty((len(generators), *shape), dtype=torch.float32, pin_memory=pin)
+    for k, g in enumerate(generators):
+        torch.randn(tuple(shape), generator=g, out=host[k])
+    return host.to(device, non_blocking=pin)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,8 +487,7 @@ def setup_from_checkpoint(
         if path_type is None:
             path_type = "linear"
             notes.append("no path_type in the checkpoint: assuming the linear path")
-    if path_type not in PATH_TYPES:
-        raise SampleError(f"unknown path type {path_type!r}; choose one of {', '.join(PATH_TYPES)}")
+    check_path_type(path_type)
     step = ckpt.get("step", ckpt.get("steps"))
     return SamplingSetup(model=model, vae=vae, scale=scale, shift=shift, num_classes=int(cfg.num_classes),
                          path_type=path_type, latent_shape=model_shape, class_names=class_names,
@@ -454,7 +500,7 @@ def generate(
     indices: Sequence[int],
     *,
     seed: int,
-    class_balanced: bool = True,
+    class_balanced: bool = False,
     mode: str = "ode",
     num_steps: int | None = None,
     heun: bool = False,

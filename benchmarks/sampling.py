@@ -13,6 +13,9 @@
    read them all back, np.savez).
 3. Batch-size invariance: how many uint8 values differ between batch 3 and batch 5 in fp32 and
    in fp64 (sample_ddp --precision), for the same images.
+4. Per-step SDE noise (`samplers.per_image_noise`): the host cost of one step's per-image draws
+   for --noise-batch latents of --noise-shape (SD-VAE 256 px: 4 32 32), and on a GPU the copy
+   from pageable memory (the old route) versus pinned memory with non_blocking=True.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.sit import build_sit  # noqa: E402
 from sample_ddp import chunk_files, chunk_ranges, save_chunk, write_npz  # noqa: E402
-from samplers import SamplingSetup, generate, make_inputs, sample, to_uint8  # noqa: E402
+from samplers import SamplingSetup, generate, make_inputs, per_image_noise, sample, to_uint8  # noqa: E402
 
 
 def make_setup(args: argparse.Namespace, dtype: torch.dtype = torch.float32) -> SamplingSetup:
@@ -137,6 +140,39 @@ def bench_invariance(args: argparse.Namespace) -> list[tuple]:
     return rows
 
 
+def bench_noise(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """Milliseconds per SDE step for the per-image noise of one batch (median of --noise-repeats)."""
+    shape, n = tuple(args.noise_shape), args.noise_batch
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(args.noise_repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2] * 1000
+
+    rows = [("draw on the host (per_image_noise to cpu)", timed(lambda: per_image_noise(gens, shape, "cpu")))]
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        work = torch.randn(4096, 4096, device=dev)
+
+        def step(copy) -> None:  # GPU work queued ahead, as the model's forward would be
+            for _ in range(4):
+                work @ work
+            copy()
+            torch.cuda.synchronize()
+
+        def pageable() -> None:
+            torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
+
+        rows.append(("GPU step + pageable copy (old)", timed(lambda: step(pageable))))
+        rows.append(("GPU step + pinned non_blocking copy", timed(lambda: step(lambda: per_image_noise(gens, shape, dev)))))
+        rows.append(("GPU step alone", timed(lambda: step(lambda: None))))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=25)
@@ -155,9 +191,12 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--invariance-images", type=int, default=32)
     p.add_argument("--invariance-batches", type=int, nargs=2, default=[3, 32])
+    p.add_argument("--noise-batch", type=int, default=64)
+    p.add_argument("--noise-shape", type=int, nargs=3, default=[4, 32, 32])
+    p.add_argument("--noise-repeats", type=int, default=20)
     p.add_argument("--tmp-dir", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["sampling", "assembly", "invariance"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["sampling", "assembly", "invariance", "noise"])
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,6 +226,11 @@ def main() -> None:
               "| uint8 values differing |\n|---|---|---|")
         for dtype, mx, ndiff, size in bench_invariance(args):
             print(f"| {dtype} | {mx:.1e} | {ndiff} of {size} |")
+        print()
+    if "noise" not in args.skip:
+        print(f"| per-step SDE noise, {args.noise_batch} x {'x'.join(map(str, args.noise_shape))} | ms |\n|---|---|")
+        for name, ms in bench_noise(args):
+            print(f"| {name} | {ms:.2f} |")
 
 
 if __name__ == "__main__":

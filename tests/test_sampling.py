@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -12,16 +13,20 @@ import pytest
 import torch
 import torch.nn as nn
 
+import loss
 import sample_ddp
+import samplers
 from checkpoint import save_checkpoint
 from models.sit import build_sit
 from samplers import (
     SampleError,
     decode,
+    draw_label,
     generate,
     load_vae,
     make_inputs,
-    path_coefficients,
+    path_at,
+    per_image_noise,
     sample,
     save_grid,
     score_from_velocity,
@@ -57,7 +62,7 @@ class GaussianVelocity(nn.Module):
         self.path_type = path_type
 
     def moments(self, t: float):
-        a, s, da, ds = path_coefficients(t, self.path_type)
+        a, s, da, ds = path_at(self.path_type, t)
         eye = torch.eye(len(self.mu), dtype=torch.float64)
         return a, da, a * a * self.cov + s * s * eye, a * da * self.cov + s * ds * eye
 
@@ -84,7 +89,7 @@ class DiagonalGaussianVelocity(nn.Module):
         self.path_type = path_type
 
     def forward(self, x, t, y):
-        a, s, da, ds = path_coefficients(float(t[0]), self.path_type)
+        a, s, da, ds = path_at(self.path_type, float(t[0]))
         flat = x.reshape(len(x), -1).double()
         v = da * self.mu + (a * da * self.var + s * ds) / (a * a * self.var + s * s) * (flat - a * self.mu)
         return v.reshape(x.shape).to(x.dtype)
@@ -112,6 +117,45 @@ def test_score_from_velocity_matches_exact_score(path_type):
         v = model(x, torch.full((64,), t, dtype=torch.float64), None)
         torch.testing.assert_close(score_from_velocity(v, x, t, path_type), model.exact_score(x, t),
                                    rtol=1e-9, atol=1e-9)
+
+
+def test_one_path_definition_shared_by_training_samplers_and_score(monkeypatch):
+    """loss.py defines the paths once; a path added there alone reaches interpolate (training),
+    the samplers' coefficients, the score conversion and the ODE."""
+    assert not hasattr(samplers, "PATH_TYPES") and not hasattr(samplers, "path_coefficients")
+    assert sample_ddp.PATH_TYPES is loss.PATH_TYPES
+    real = loss.path_coefficients
+    for path in ("linear", "cosine"):
+        for t in (0.0, 0.3, 0.96):
+            assert path_at(path, t) == tuple(c.item() for c in real(path, torch.tensor(t, dtype=torch.float64)))
+
+    def with_quadratic(path_type, t):  # alpha = 1 - t^2, sigma = t
+        if path_type == "quadratic":
+            return 1 - t * t, t, -2 * t, torch.ones_like(t)
+        return real(path_type, t)
+
+    monkeypatch.setattr(loss, "PATH_TYPES", loss.PATH_TYPES + ("quadratic",))
+    monkeypatch.setattr(loss, "path_coefficients", with_quadratic)
+    x, eps = torch.randn(3, 1, 2, 2, dtype=torch.float64), torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    x_t, v = loss.interpolate("quadratic", x, eps, t)
+    tt = t.view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, (1 - tt ** 2) * x + tt * eps)
+    torch.testing.assert_close(v, -2 * tt * x + eps)
+    assert path_at("quadratic", 0.5) == (0.75, 0.5, -1.0, 1.0)
+
+    mu, cov, g = _gaussian()
+    model = GaussianVelocity(mu, cov, "quadratic")
+    xs = torch.randn(64, 1, 2, 2, generator=g, dtype=torch.float64)
+    for t in (0.04, 0.5, 1.0):
+        v = model(xs, torch.full((64,), t, dtype=torch.float64), None)
+        torch.testing.assert_close(score_from_velocity(v, xs, t, "quadratic"), model.exact_score(xs, t),
+                                   rtol=1e-9, atol=1e-9)
+    x1 = torch.randn(200, 1, 2, 2, generator=g)
+    out = sample(model, x1, torch.zeros(200, dtype=torch.long), mode="ode", num_steps=32, heun=True,
+                 path_type="quadratic").double().reshape(-1, 4)
+    exact = mu + x1.reshape(-1, 4).double() @ _sqrtm(cov)  # any path: the flow map of N(mu, cov)
+    assert (out - exact).abs().max() < 0.01  # 32 Heun steps
 
 
 @pytest.mark.parametrize("path_type", ["linear", "cosine"])
@@ -188,6 +232,41 @@ def test_sde_per_image_generators_make_images_batch_independent():
     assert not torch.equal(whole[0], whole[1])
 
 
+def _gens():
+    return [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+
+
+def test_per_image_noise_is_each_generators_draw_and_pins_for_cuda(monkeypatch):
+    ref = torch.stack([torch.randn(2, 3, generator=g) for g in _gens()])
+    z = per_image_noise(_gens(), (2, 3), "cpu")
+    assert torch.equal(z, ref) and z.dtype == torch.float32 and not z.is_pinned()
+
+    # For CUDA: a pinned host buffer and an asynchronous copy (faked: no GPU needed).
+    seen = {}
+    real_empty = torch.empty
+
+    def fake_empty(*a, pin_memory=False, **k):
+        seen["pin_memory"] = pin_memory
+        return real_empty(*a, **k)
+
+    def fake_to(self, *a, **k):
+        seen["to"] = (a, k)
+        return self
+
+    monkeypatch.setattr(torch, "empty", fake_empty)
+    monkeypatch.setattr(torch.Tensor, "to", fake_to)
+    z = per_image_noise(_gens(), (2, 3), "cuda")
+    monkeypatch.undo()
+    assert seen == {"pin_memory": True, "to": ((torch.device("cuda"),), {"non_blocking": True})}
+    assert torch.equal(z, ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_per_image_noise_on_a_gpu_equals_the_cpu_draws():
+    z = per_image_noise(_gens(), (2, 3), "cuda")
+    assert z.is_cuda and torch.equal(z.cpu(), per_image_noise(_gens(), (2, 3), "cpu"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Guidance
 
@@ -257,13 +336,45 @@ def test_paths_agree_outside_the_guidance_interval(mode):
     assert not torch.equal(plain, guided)
 
 
-def test_heun_guidance_follows_the_evaluation_time():
+def _heun_reference(model, x, y, num_steps, cfg, low, high, rule):
+    """Heun with guidance on [low, high], decided per evaluation ("evaluation": ours) or by the
+    step's start time for both evaluations ("start": REPA's euler_sampler)."""
+    null = torch.full_like(y, model.config.num_classes)
+
+    def vel(x, t, guided):
+        tt = torch.full((len(x),), t, dtype=torch.float64)
+        cond = model(x, tt, y)
+        if not guided:
+            return cond
+        uncond = model(x, tt, null)
+        return uncond + cfg * (cond - uncond)
+
+    ts = time_grid("ode", num_steps)
+    for i in range(num_steps):
+        t, t_next = ts[i], ts[i + 1]
+        d = vel(x, t, low <= t <= high)
+        x_next = x + (t_next - t) * d
+        if i < num_steps - 1:
+            guided = low <= (t_next if rule == "evaluation" else t) <= high
+            x_next = x + (t_next - t) * 0.5 * (d + vel(x_next, t_next, guided))
+        x = x_next
+    return x
+
+
+def test_heun_guidance_follows_the_evaluation_time_not_the_step_start():
+    """Pinned on purpose (README, samplers docstring): in the step 0.75 -> 0.5 with guidance on
+    [0, 0.5], our corrector at t = 0.5 is guided; REPA's is not (its step starts at 0.75)."""
     model = LabelVelocity()
     x = torch.randn(2, 4, 2, 2, dtype=torch.float64)
-    sample(model, x, torch.tensor([0, 1]), mode="ode", num_steps=4, heun=True, cfg_scale=2.0,
-           guidance_low=0.0, guidance_high=0.5)
+    y = torch.tensor([0, 1])
+    out = sample(model, x, y, mode="ode", num_steps=4, heun=True, cfg_scale=2.0, guidance_low=0.0,
+                 guidance_high=0.5)
     assert [(t, n) for t, n, _ in model.calls] == [(1.0, 2), (0.75, 2), (0.75, 2), (0.5, 4), (0.5, 4),
                                                   (0.25, 4), (0.25, 4)]
+    ours = _heun_reference(model, x, y, 4, 2.0, 0.0, 0.5, "evaluation").float()
+    repa = _heun_reference(model, x, y, 4, 2.0, 0.0, 0.5, "start").float()
+    torch.testing.assert_close(out, ours, rtol=1e-6, atol=1e-6)
+    assert (out - repa).abs().max() > 0.01
 
 
 def test_sampler_argument_errors():
@@ -281,17 +392,24 @@ def test_sampler_argument_errors():
 # Inputs and pixels
 
 
-def test_make_inputs_are_per_image_and_class_balanced():
+def test_make_inputs_are_per_image_with_uniform_labels_by_default():
     noise, labels, _ = make_inputs(range(10), seed=3, latent_shape=(2, 4, 4), num_classes=4)
     part, part_labels, _ = make_inputs([7, 8], seed=3, latent_shape=(2, 4, 4), num_classes=4)
     assert torch.equal(noise[7:9], part) and torch.equal(labels[7:9], part_labels)
-    assert labels.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
-    other, _, _ = make_inputs(range(10), seed=4, latent_shape=(2, 4, 4), num_classes=4)
-    assert not torch.equal(noise, other)
-    _, free, _ = make_inputs(range(200), seed=3, latent_shape=(1, 1, 1), num_classes=4, class_balanced=False)
-    assert set(free.tolist()) == {0, 1, 2, 3} and free.tolist() != [i % 4 for i in range(200)]
-    free_noise, _, _ = make_inputs(range(10), seed=3, latent_shape=(2, 4, 4), num_classes=4, class_balanced=False)
-    assert torch.equal(free_noise, noise)  # the label mode does not change the noise
+    other, other_labels, _ = make_inputs(range(10), seed=4, latent_shape=(2, 4, 4), num_classes=4)
+    assert not torch.equal(noise, other) and not torch.equal(labels, other_labels)
+    # Uniform at random, from the image's own hash of (seed, i, LABEL_STREAM), not i % C.
+    assert labels.tolist() != [i % 4 for i in range(10)]
+    assert draw_label(3, 5, 4) == int(np.random.SeedSequence([3, 5, 1]).generate_state(1, np.uint64)[0]) % 4
+    many = np.array([draw_label(0, i, 10) for i in range(5000)])
+    counts = np.bincount(many, minlength=10)
+    assert ((counts - 500) ** 2 / 500).sum() < 27.9  # chi-square, 9 degrees of freedom, p = 0.001
+    assert (many[1:] == many[:-1]).mean() == pytest.approx(0.1, abs=0.02)  # no serial pattern
+    # --class-balanced: i % C, with the same noise (labels have their own stream).
+    balanced_noise, balanced, _ = make_inputs(range(10), seed=3, latent_shape=(2, 4, 4), num_classes=4,
+                                              class_balanced=True)
+    assert balanced.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    assert torch.equal(balanced_noise, noise)
 
 
 def test_to_uint8_rounds_clamps_and_repeats_grayscale():
@@ -380,15 +498,17 @@ def test_pixel_space_grayscale_run_writes_an_adm_npz(tmp_path, capsys):
     out = tmp_path / "s" / "set.npz"
     code, stdout, err = run_main(capsys, "--ckpt", ckpt, "--num-samples", 10, "--per-proc-batch-size", 4,
                                  "--mode", "ode", "--num-steps", 4, "--heun", "--chunk-size", 4, "--out", out,
-                                 "--save-png", "--cfg-scale", 2.0)
+                                 "--save-png", "--cfg-scale", 2.0, "--class-balanced")
     assert code == 0, err
     with np.load(out) as f:
         images, labels = f["arr_0"], f["arr_1"]
     assert images.dtype == np.uint8 and images.shape == (10, 8, 8, 3)
     assert (images[..., 0] == images[..., 1]).all() and (images[..., 0] == images[..., 2]).all()
     assert images.min() < 64 and images.max() > 192  # a real range, not a constant image
-    assert labels.tolist() == [i % 4 for i in range(10)]
+    assert labels.tolist() == [i % 4 for i in range(10)]  # --class-balanced
     assert np.bincount(labels).tolist() == [3, 3, 2, 2]
+    record = json.loads((tmp_path / "s" / "set.json").read_text())
+    assert record["settings"]["labels"] == "class-balanced" and "i % num_classes" in record["labels"]
     assert (tmp_path / "s" / "set.grid.png").is_file() and (tmp_path / "s" / "set.json").is_file()
     assert not (tmp_path / "s" / "set.parts").exists()  # removed without --keep-parts
     from PIL import Image
@@ -397,13 +517,14 @@ def test_pixel_space_grayscale_run_writes_an_adm_npz(tmp_path, capsys):
     assert (np.asarray(Image.open(tmp_path / "s" / "set-png" / "000007.png")) == images[7]).all()
     # Same images from the Python API (the code path train.py uses for grids).
     setup = setup_from_checkpoint(torch.load(ckpt, weights_only=False), log=lambda *a: None)
-    api, _ = generate(setup, None, range(4, 7), seed=0, mode="ode", num_steps=4, heun=True, cfg_scale=2.0)
+    api, _ = generate(setup, None, range(4, 7), seed=0, mode="ode", num_steps=4, heun=True, cfg_scale=2.0,
+                      class_balanced=True)
     assert (api == images[4:7]).all()
     # A rerun with the same settings has nothing to do.
     code, stdout, _ = run_main(capsys, "--ckpt", ckpt, "--num-samples", 10, "--per-proc-batch-size", 4,
                                "--mode", "ode", "--num-steps", 4, "--heun", "--chunk-size", 4, "--out", out,
-                               "--cfg-scale", 2.0)
-    assert code == 0 and "nothing to do" in stdout
+                               "--cfg-scale", 2.0, "--class-balanced")
+    assert code == 0 and "nothing to do" in stdout and not (tmp_path / "s" / "set.parts").exists()
 
 
 def test_resume_after_an_interrupted_run_gives_the_same_npz(tmp_path, capsys, monkeypatch):
@@ -440,7 +561,8 @@ def test_resume_after_an_interrupted_run_gives_the_same_npz(tmp_path, capsys, mo
 
 
 def test_world_size_and_batch_invariance_with_torchrun(tmp_path, capsys):
-    """1 rank with batch 3 vs 2 ranks with batch 5 (and another chunk size): byte-identical npz.
+    """1 rank with batch 3 vs 2 ranks with batch 5 (and another chunk size): byte-identical npz,
+    labels included (drawn at random per image). torchrun runs from another working directory.
 
     Latent model + tiny VAE, SDE with per-image noise, guidance with an interval. float64 makes
     the network's arithmetic batch-size independent for practical purposes (CPU fp32 matmuls
@@ -460,8 +582,10 @@ def test_world_size_and_batch_invariance_with_torchrun(tmp_path, capsys):
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sha(tmp_path / "one.npz") == sha(tmp_path / "two.npz")
-    with np.load(tmp_path / "one.npz") as f:
-        assert f["arr_0"].shape == (11, 16, 16, 3) and f["arr_1"].tolist() == [i % 4 for i in range(11)]
+    with np.load(tmp_path / "one.npz") as f, np.load(tmp_path / "two.npz") as g:
+        assert f["arr_0"].shape == (11, 16, 16, 3) and f["arr_1"].tolist() == g["arr_1"].tolist()
+        assert f["arr_1"].tolist() == [draw_label(1, i, 4) for i in range(11)] != [i % 4 for i in range(11)]
+    assert json.loads((tmp_path / "two.json").read_text())["settings"]["labels"] == "uniform"
 
 
 def test_python_api_and_repa_style_bare_state_dict(tmp_path):
@@ -504,19 +628,128 @@ def test_clear_errors(tmp_path, capsys):
     def error_of(*argv):
         code, _, err = run_main(capsys, *base, *argv)
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+        assert not (tmp_path / "out").exists()  # every check comes before any directory is made
         return err
 
-    assert "does not exist" in error_of("--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "a.npz")
+    assert "does not exist" in error_of("--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "out" / "a.npz")
     # Incompatible: the config says hidden size 64, the weights were made at 32.
     bad = tmp_path / "bad.pt"
     good = torch.load(ckpt, weights_only=False)
     good["model_config"]["hidden_size"] = 64
     save_checkpoint(str(bad), good)
-    err = error_of("--ckpt", bad, "--out", tmp_path / "b.npz")
+    err = error_of("--ckpt", bad, "--out", tmp_path / "out" / "b.npz")
     assert "incompatible checkpoint" in err and "'pos_embed'" in err and "(1, 16, 32)" in err and "(1, 16, 64)" in err
-    err = error_of("--ckpt", ckpt, "--num-samples", 3, "--out", tmp_path / "c.npz")
+    err = error_of("--ckpt", ckpt, "--num-samples", 3, "--class-balanced", "--out", tmp_path / "out" / "c.npz")
     assert "smaller than the 4 classes" in err
     (tmp_path / "file").write_text("x")
     assert "not writable" in error_of("--ckpt", ckpt, "--out", tmp_path / "file" / "d.npz")
-    assert "does not exist" in error_of("--ckpt", ckpt, "--vae", tmp_path / "no-vae", "--out", tmp_path / "e.npz")
-    assert "--heun applies" in error_of("--ckpt", ckpt, "--mode", "sde", "--heun", "--out", tmp_path / "f.npz")
+    assert "does not exist" in error_of("--ckpt", ckpt, "--vae", tmp_path / "no-vae", "--out", tmp_path / "out" / "e.npz")
+    assert "--heun applies" in error_of("--ckpt", ckpt, "--mode", "sde", "--heun", "--out", tmp_path / "out" / "f.npz")
+    assert run_main(capsys, *base, "--ckpt", ckpt, "--num-samples", 3, "--out", tmp_path / "g.npz")[0] == 0  # uniform
+
+
+def test_read_only_output_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    ckpt = make_ckpt(tmp_path / "ckpt.pt")
+
+    def no_work(*a, **k):
+        raise AssertionError("the checkpoint was loaded before the output was checked")
+
+    monkeypatch.setattr(sample_ddp, "load_checkpoint", no_work)
+
+    def error_of(out):
+        code, _, err = run_main(capsys, "--ckpt", ckpt, "--out", out)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "not writable" in err
+        return err
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access  # root ignores chmod: fake the permission check instead
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: os.path.abspath(p) != str(read_only)
+                        and real_access(p, mode, **k))
+    assert "no write permission in " + str(read_only) in error_of(read_only / "sub" / "x.npz")
+    monkeypatch.setattr(os, "access", real_access)
+    assert os.listdir(read_only) == []
+    if os.path.isdir("/proc"):  # takes no new files, even for root
+        error_of("/proc/repulsor-sit-test/x.npz")
+    if os.geteuid() != 0:
+        read_only.chmod(0o500)
+        try:
+            error_of(read_only / "x.npz")
+        finally:
+            read_only.chmod(0o700)
+
+
+def test_a_finished_set_is_not_overwritten_by_a_rerun_with_other_settings(tmp_path, capsys):
+    ckpt = make_ckpt(tmp_path / "ckpt.pt")
+    out = tmp_path / "set.npz"
+    base = ["--ckpt", ckpt, "--num-samples", 6, "--mode", "ode", "--num-steps", 2, "--chunk-size", 4]
+    assert run_main(capsys, *base, "--out", out)[0] == 0
+    first, record = sha(out), (tmp_path / "set.json").read_text()
+
+    def refused(*argv):
+        code, _, err = run_main(capsys, *base, "--out", out, *argv)
+        assert code == 2 and err.count("\n") == 1 and "--overwrite" in err, err
+        assert sha(out) == first and (tmp_path / "set.json").read_text() == record
+        assert not (tmp_path / "set.parts").exists()
+        return err
+
+    assert "seed: 0 then, 1 now" in refused("--seed", "1")
+    assert "num_samples: 6 then, 8 now" in refused("--num-samples", "8")
+    assert "tf32: True then, False now" in refused("--no-tf32")
+    code, stdout, _ = run_main(capsys, *base, "--out", out)  # same settings: done, nothing made
+    assert code == 0 and "nothing to do" in stdout and not (tmp_path / "set.parts").exists()
+
+    code, stdout, err = run_main(capsys, *base, "--out", out, "--seed", 1, "--overwrite")
+    assert code == 0 and "--overwrite: removed" in stdout, err
+    assert json.loads((tmp_path / "set.json").read_text())["settings"]["seed"] == 1
+    assert run_main(capsys, *base, "--seed", 1, "--out", tmp_path / "fresh.npz")[0] == 0
+    assert sha(out) == sha(tmp_path / "fresh.npz") != first
+
+    # A set whose origin is unknown, and images of an earlier run, are not replaced silently either.
+    (tmp_path / "json-less.npz").write_bytes(b"x")
+    assert "no readable json-less.json" in run_main(capsys, *base, "--out", tmp_path / "json-less.npz")[2]
+    (tmp_path / "p-png").mkdir()
+    (tmp_path / "p-png" / "000000.png").write_bytes(b"old")
+    assert "holds images of an earlier run" in run_main(capsys, *base, "--out", tmp_path / "p.npz", "--save-png")[2]
+    assert run_main(capsys, *base, "--out", tmp_path / "p.npz", "--save-png", "--overwrite")[0] == 0
+    assert (tmp_path / "p-png" / "000000.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tf32_is_allowed_by_default_recorded_and_restored(tmp_path, capsys, monkeypatch):
+    ckpt = make_ckpt(tmp_path / "ckpt.pt")
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    before = flags()
+    seen = []
+    real_generate = sample_ddp.generate
+
+    def spy(*a, **k):
+        seen.append(flags())
+        return real_generate(*a, **k)
+
+    monkeypatch.setattr(sample_ddp, "generate", spy)
+    base = ["--ckpt", ckpt, "--num-samples", 2, "--mode", "ode", "--num-steps", 1]
+    for extra, name, expected in (([], "a", True), (["--no-tf32"], "b", False), (["--precision", "fp64"], "c", False)):
+        seen.clear()
+        assert run_main(capsys, *base, *extra, "--out", tmp_path / f"{name}.npz")[0] == 0
+        assert seen == [(expected, expected)] and flags() == before
+        assert json.loads((tmp_path / f"{name}.json").read_text())["settings"]["tf32"] is expected
+    # Importing sample_ddp changes nothing either.
+    code = ("import torch; f = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32); "
+            "b = f(); import sample_ddp; assert f() == b, f()")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+def test_runs_from_another_working_directory(tmp_path):
+    """python /abs/path/sample_ddp.py from elsewhere, relative paths taken from there; -P: the
+    script's directory is not put on sys.path by Python (torchrun: see the invariance test)."""
+    make_ckpt(tmp_path / "ckpt.pt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-P", str(REPO / "sample_ddp.py"), "--ckpt", "../ckpt.pt",
+                           "--num-samples", "4", "--mode", "ode", "--num-steps", "1", "--out", "out/x.npz",
+                           "--device", "cpu"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(elsewhere / "out" / "x.npz") as f:
+        assert f["arr_0"].shape == (4, 8, 8, 3)
