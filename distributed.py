@@ -48,13 +48,32 @@ def barrier() -> None:
         dist.barrier()
 
 
+class _AllGatherCat(torch.autograd.Function):
+    """all_gather in rank order whose backward hands every rank the gradient of ALL ranks'
+    losses with respect to its own rows: all_reduce(sum) of the incoming gradient, then this
+    rank's slice. Under DDP (which averages over ranks) this makes a loss over the gathered
+    batch train exactly like the same loss on one process holding the whole batch."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = slice(dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce is in place: own the buffer
+        dist.all_reduce(grad)
+        return grad[ctx.rows]
+
+
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x from every rank in rank order (no gradient); x itself without a group."""
+    """Concatenate x (same shape on every rank) from every rank in rank order; x itself without a
+    group. Differentiable: see _AllGatherCat. Every rank must call it (and run its backward)."""
     if not is_dist():
-        return x.detach()
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    return torch.cat(parts)
+        return x
+    return _AllGatherCat.apply(x)
 
 
 def cleanup() -> None:

@@ -1,14 +1,13 @@
 """FIFO memory bank of unit-norm projections, identical on every rank.
 
-Every rank enqueues the projections of the whole global batch (all-gathered, in global-rank
-order) at the same pointer, so all banks stay bitwise identical without any broadcast.
-The bank holds no gradient; it only supplies negatives to the Repulsor loss.
+Every rank enqueues the projections of the whole global batch (all-gathered once per
+micro-step by the Repulsor, in global-rank order) at the same pointer, so all banks stay
+bitwise identical without any broadcast. The bank holds no gradient; it only supplies
+negatives to the Repulsor loss.
 """
 from __future__ import annotations
 
 import torch
-
-from distributed import all_gather_cat
 
 BANK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -38,11 +37,11 @@ class MemoryBank:
         return self.filled / self.size if self.size else 0.0
 
     @torch.no_grad()
-    def enqueue(self, local: torch.Tensor) -> None:
-        """All-gather this step's projections from every rank and write them at the pointer."""
+    def enqueue(self, batch: torch.Tensor) -> None:
+        """Write this step's projections of the GLOBAL batch (every rank's, in rank order; the
+        caller's all-gather, which the loss shares) at the pointer."""
         if self.size == 0:
             return
-        batch = all_gather_cat(local.detach())
         if batch.shape != (self.global_batch, self.dim):
             raise ValueError(f"enqueue got {tuple(batch.shape)} projections, the bank expects "
                              f"({self.global_batch}, {self.dim}) per step")
