@@ -1,4 +1,4 @@
-"""On-disk latent format, the memory-mapped reader and the deterministic distributed sampler.
+"""On-disk latent format, the random-access reader and the deterministic distributed sampler.
 
 Layout of a dataset directory (written by preprocessing/ or `write_dataset`):
 
@@ -12,16 +12,22 @@ Layout of a dataset directory (written by preprocessing/ or `write_dataset`):
 
 Training latent for one step:  z = (mean + std * eps - latent_shift) * latent_scale,
 with fresh eps every step (see `sample_latents`). Decoding inverts it: raw = z / scale + shift.
-Shards are opened with numpy memory maps, so ImageNet-size sets (about 21 GB) are read
-with random access and never loaded whole into RAM.
+The reader checks every .npy header up front and then reads single items with positioned
+reads, so ImageNet-size sets (about 21 GB) are never loaded whole into RAM, and each process
+keeps a few shard files open however many shards there are.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
+import math
+import operator
 import os
 import shutil
-from typing import Any, Iterator, Sequence
+import threading
+from collections import OrderedDict
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -115,14 +121,34 @@ def make_manifest(
     )
 
 
+def _check_labels(path: str, labels: np.ndarray, num_classes: int, fix: str) -> None:
+    """Every label must index a class row; num_classes itself is the CFG null row, so it is refused too."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        k, v = int(bad[0]), int(labels[bad[0]])
+        null = " (the classifier-free-guidance null class)" if v == num_classes else ""
+        raise DataError(f"{path} item {k} has label {v}{null}, outside 0..{num_classes - 1} for num_classes "
+                        f"{num_classes}: {fix}")
+
+
 def write_manifest(data_dir: str, manifest: dict) -> None:
-    """Write manifest.json last, after checking that every shard it names is complete."""
+    """Write manifest.json last, after checking that every shard it names is complete and that its
+    labels lie in [0, num_classes); records label_min / label_max in `manifest` (readers trust them)."""
+    lo, hi = None, None
     for i, shard in enumerate(manifest["shards"]):
         if not shard_complete(data_dir, i):
             raise DataError(f"cannot write the manifest: {shard['name']} in {data_dir} is missing or incomplete")
-        n = np.load(os.path.join(data_dir, shard["name"], "label.npy"), mmap_mode="r").shape[0]
-        if n != shard["count"]:
-            raise DataError(f"cannot write the manifest: {shard['name']} holds {n} items, expected {shard['count']}")
+        path = os.path.join(data_dir, shard["name"], "label.npy")
+        labels = np.load(path)  # 8 bytes an item: small even for ImageNet
+        if labels.shape != (shard["count"],):
+            raise DataError(f"cannot write the manifest: {shard['name']} holds {labels.shape[0]} items, "
+                            f"expected {shard['count']}")
+        _check_labels(path, labels, manifest["num_classes"], "fix the labels or num_classes, then write the "
+                      "manifest again")
+        if labels.size:
+            lo = int(labels.min()) if lo is None else min(lo, int(labels.min()))
+            hi = int(labels.max()) if hi is None else max(hi, int(labels.max()))
+    manifest["label_min"], manifest["label_max"] = lo, hi
     atomic_write_json(os.path.join(data_dir, MANIFEST), manifest)
 
 
@@ -232,45 +258,178 @@ def sample_latents(
     return (mean + std * eps - shift.to(mean.device)) * scale.to(mean.device)
 
 
-class LatentDataset(Dataset):
-    """Random access into the shards through memory maps; items are (mean, std, label) tensors."""
+class _Field(NamedTuple):
+    """Where one .npy file of a shard keeps its items: item k is `itemsize` bytes at offset + k * itemsize."""
+    path: str
+    count: int
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]  # of one item
+    itemsize: int
 
-    def __init__(self, data_dir: str):
+
+def _open_field(path: str, count: int, want: tuple[int, ...] | None) -> _Field:
+    """Read and check one shard file's .npy header (not its data); the file is closed again."""
+    fix = "re-run preprocessing to rewrite it"
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy version {version}")
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            offset, size = f.tell(), os.fstat(f.fileno()).st_size
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"corrupt or missing shard file {path} ({e}): {fix}") from None
+    if shape[:1] != (count,) or (want is not None and shape[1:] != want):
+        raise DataError(f"corrupt shard file {path}: shape {shape}, manifest says "
+                        f"{(count, *want) if want is not None else (count, '...')}: {fix}")
+    if fortran or dtype.hasobject:
+        raise DataError(f"shard file {path} is not a C-ordered numeric array: {fix}")
+    itemsize = dtype.itemsize * math.prod(shape[1:])
+    if size < offset + count * itemsize:
+        raise DataError(f"corrupt or truncated shard file {path}: {size} bytes, its header needs "
+                        f"{offset + count * itemsize}: {fix}")
+    return _Field(path, count, offset, dtype, tuple(shape[1:]), itemsize)
+
+
+class LatentDataset(Dataset):
+    """Random access into the shards; items are (mean, std, label) tensors.
+
+    Items are read with os.preadv at offsets taken from the .npy headers, so nothing is loaded
+    whole and no memory map exists. Open files are per process and bounded: an LRU of at most
+    `max_open_shards` shards (one descriptor per field), reopened after fork and never pickled,
+    so spawn DataLoader workers receive only paths and metadata. The fields read are the class
+    attribute `fields`; a subclass may add a per-item file stored alongside (e.g. "snippet").
+    """
+
+    fields: tuple[str, ...] = FIELDS
+
+    def __init__(self, data_dir: str, max_open_shards: int = 8):
         self.data_dir = data_dir
+        self.max_open_shards = max(1, int(max_open_shards))
         self.manifest = read_manifest(data_dir)
         shape = tuple(self.manifest["latent_shape"])
         self.latent_shape = shape
-        self.num_classes = self.manifest["num_classes"]
+        self.num_classes = int(self.manifest["num_classes"])
         counts = [s["count"] for s in self.manifest["shards"]]
-        self._offsets = np.cumsum([0] + counts)
-        if self._offsets[-1] != self.manifest["count"]:
-            raise DataError(f"{data_dir}/manifest.json: shard counts add up to {self._offsets[-1]}, "
+        self._starts = [int(s) for s in np.cumsum([0] + counts)]  # a list: bisect is faster than numpy here
+        if self._starts[-1] != self.manifest["count"]:
+            raise DataError(f"{data_dir}/manifest.json: shard counts add up to {self._starts[-1]}, "
                             f"not count {self.manifest['count']}: re-run preprocessing")
-        self._shards: list[tuple[np.ndarray, ...]] = []
-        for shard, n in zip(self.manifest["shards"], counts):  # opening reads headers only
-            arrays = []
-            for field in FIELDS:
-                path = os.path.join(data_dir, shard["name"], f"{field}.npy")
-                try:
-                    arr = np.load(path, mmap_mode="r")
-                except (OSError, ValueError, EOFError) as e:
-                    raise DataError(f"corrupt or missing shard file {path} ({e}): re-run preprocessing "
-                                    "to rewrite it") from None
-                want = (n,) if field == "label" else (n, *shape)
-                if arr.shape != want:
-                    raise DataError(f"corrupt shard file {path}: shape {arr.shape}, manifest says {want}: "
-                                    "re-run preprocessing to rewrite it")
-                arrays.append(arr)
-            self._shards.append(tuple(arrays))
+        want = {"mean": shape, "std": shape, "label": ()}
+        self._shards: list[tuple[_Field, ...]] = [
+            tuple(_open_field(os.path.join(data_dir, shard["name"], f"{field}.npy"), n, want.get(field))
+                  for field in self.fields)
+            for shard, n in zip(self.manifest["shards"], counts)]
+        self._label = self.fields.index("label")
+        for fields in self._shards:
+            if fields[self._label].dtype.kind not in "iu":
+                raise DataError(f"shard file {fields[self._label].path} holds {fields[self._label].dtype} labels, "
+                                "not integers: re-run preprocessing to rewrite it")
+        self.label_range = self._check_label_range()
+        self._reset_open_files()
+
+    def _check_label_range(self) -> tuple[int, int] | None:
+        """(min, max) label, checked against [0, num_classes); from the manifest when it records them."""
+        lo, hi = self.manifest.get("label_min"), self.manifest.get("label_max")
+        if lo is not None and hi is not None and 0 <= lo and hi < self.num_classes:
+            return int(lo), int(hi)
+        # Older manifest, or a bad recorded range: scan the label files (8 bytes an item) to name the shard.
+        fix = (f"fix the labels (re-run preprocessing) or num_classes in {os.path.join(self.data_dir, MANIFEST)}")
+        ranges = []
+        for fields in self._shards:
+            labels = self._read_all(fields[self._label])
+            _check_labels(fields[self._label].path, labels, self.num_classes, fix)
+            if labels.size:
+                ranges.append((int(labels.min()), int(labels.max())))
+        if lo is not None and hi is not None:  # the files are fine, the manifest's record is not
+            raise DataError(f"{os.path.join(self.data_dir, MANIFEST)} records labels {lo}..{hi}, outside "
+                            f"0..{self.num_classes - 1}: {fix}")
+        return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
+
+    @staticmethod
+    def _read_all(field: _Field) -> np.ndarray:
+        with open(field.path, "rb") as f:
+            f.seek(field.offset)
+            return np.fromfile(f, dtype=field.dtype, count=field.count * math.prod(field.shape))
+
+    # -- open files: per process, bounded, never pickled
+
+    def _reset_open_files(self) -> None:
+        self._open: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def close(self) -> None:
+        """Close this process's open shard files (they reopen on the next read)."""
+        for fds in getattr(self, "_open", {}).values():
+            for fd in fds:
+                os.close(fd)
+        self._open = OrderedDict()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown; never raise from a finaliser
+            pass
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for key in ("_open", "_lock", "_pid"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_open_files()
+
+    def _shard_fds(self, shard: int) -> tuple[int, ...]:
+        """Descriptors of one shard's files, least recently used shard closed beyond max_open_shards."""
+        fds = self._open.get(shard)
+        if fds is not None:
+            self._open.move_to_end(shard)
+            return fds
+        while len(self._open) >= self.max_open_shards:
+            for fd in self._open.popitem(last=False)[1]:
+                os.close(fd)
+        opened: list[int] = []
+        try:
+            for field in self._shards[shard]:
+                opened.append(os.open(field.path, os.O_RDONLY))
+        except OSError as e:
+            for fd in opened:
+                os.close(fd)
+            raise DataError(f"cannot open {e.filename} ({e.strerror}): was the dataset moved or deleted?") from None
+        self._open[shard] = tuple(opened)
+        return self._open[shard]
+
+    def read_item(self, index: int) -> dict[str, np.ndarray]:
+        """Item `index` of every file in `fields`, as fresh writable arrays."""
+        index = operator.index(index)  # numpy / torch integers too
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        if os.getpid() != self._pid:  # a forked worker: the inherited descriptors are the parent's copies
+            self.close()
+            self._reset_open_files()
+        shard = bisect.bisect_right(self._starts, index) - 1
+        j = index - self._starts[shard]
+        out = {}
+        with self._lock:
+            for name, field, fd in zip(self.fields, self._shards[shard], self._shard_fds(shard)):
+                arr = np.empty(field.shape, field.dtype)
+                if os.preadv(fd, [arr], field.offset + j * field.itemsize) != field.itemsize:
+                    raise DataError(f"shard file {field.path} ends before item {j}: it was truncated after "
+                                    "the dataset was opened; re-run preprocessing")
+                out[name] = arr
+        return out
 
     def __len__(self) -> int:
-        return int(self._offsets[-1])
+        return self._starts[-1]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        j = index - self._offsets[shard]
-        mean, std, label = self._shards[shard]
-        return torch.from_numpy(np.array(mean[j])), torch.from_numpy(np.array(std[j])), int(label[j])
+        item = self.read_item(index)
+        return torch.from_numpy(item["mean"]), torch.from_numpy(item["std"]), int(item["label"])
 
 
 class DistributedEpochSampler(Sampler[int]):

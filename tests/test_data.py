@@ -53,7 +53,7 @@ def _peak_rss_kib(code: str) -> int:
     return int(out.stdout.split()[-1])
 
 
-def test_reads_are_memory_mapped(tmp_path):
+def test_reads_do_not_load_the_dataset(tmp_path):
     """A 2 x 512 MiB dataset (sparse files) is read at random without loading it."""
     n, shape = 16384, (4, 64, 64)
     shard = tmp_path / "shard-00000"
@@ -66,7 +66,6 @@ def test_reads_are_memory_mapped(tmp_path):
     np.save(shard / "label.npy", np.zeros(n, np.int64))
     write_manifest(str(tmp_path), make_manifest(count=n, latent_shape=shape, num_classes=1, shard_counts=[n]))
     ds = LatentDataset(str(tmp_path))
-    assert isinstance(ds._shards[0][0], np.memmap)
     assert ds[1000][0].float().mean().item() == 1.0
     base = _peak_rss_kib("import dataset")
     read = _peak_rss_kib(f"import dataset\nds = dataset.LatentDataset({str(tmp_path)!r})\n"
@@ -113,6 +112,26 @@ def test_reader_errors(tmp_path):
         f.truncate(100)
     with pytest.raises(DataError, match="corrupt or missing shard file .*shard-00001.*mean.npy"):
         LatentDataset(d)
+    write_dataset(d, mean, std, labels, num_classes=7, shard_size=8)
+    with open(os.path.join(d, "shard-00001", "std.npy"), "r+b") as f:  # the header survives, the data does not
+        f.truncate(1000)
+    with pytest.raises(DataError, match=r"corrupt or truncated shard file \S*shard-00001.std.npy: 1000 bytes, "
+                                        r"its header needs 4224: re-run preprocessing"):
+        LatentDataset(d)
+    write_dataset(d, mean, std, labels, num_classes=7, shard_size=8)
+    ds = LatentDataset(d, max_open_shards=1)
+    with open(os.path.join(d, "shard-00000", "std.npy"), "r+b") as f:  # changed after opening
+        f.truncate(1000)
+    with pytest.raises(DataError, match=r"shard-00000.std.npy ends before item 7: it was truncated"):
+        ds[7]
+    os.remove(os.path.join(d, "shard-00001", "label.npy"))
+    ds.close()
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(DataError, match=r"cannot open \S*shard-00001.label.npy \(No such file"):
+        ds[8]
+    assert len(os.listdir("/proc/self/fd")) == before  # mean.npy and std.npy were closed again
+    assert ds[16][2] == labels[16]
+    write_dataset(d, mean, std, labels, num_classes=7, shard_size=8)
     os.remove(os.path.join(d, "shard-00002", "label.npy"))
     m = read_manifest(d)
     with pytest.raises(DataError, match="shard-00002 .* is missing or incomplete"):
@@ -146,3 +165,133 @@ def test_data_fingerprint_identifies_the_dataset(tmp_path):
     assert fingerprint_mismatch(fp, {**fp, "hash": "0" * 16}) == f"hash {fp['hash']!r} vs '0000000000000000'"
     c = data_fingerprint({**m, "vae": "stabilityai/sd-vae-ft-ema"})
     assert c["hash"] != fp["hash"] and fingerprint_mismatch(fp, c) == "vae 'tiny' vs 'stabilityai/sd-vae-ft-ema'"
+
+
+def _n_open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_pickles_paths_only_and_worker_processes_read_the_same_items(tmp_path):
+    """Workers get paths and headers, not the shard bytes, and reopen the files themselves."""
+    import pickle
+
+    mean, std, labels = _arrays(2000, (4, 16, 16))  # 4 MB of shards
+    write_dataset(str(tmp_path), mean, std, labels, num_classes=7, shard_size=300)
+    ds = LatentDataset(str(tmp_path))
+    direct = [ds[i] for i in range(0, len(ds), 7)]  # the parent now holds open files (fork inherits them)
+    blob = pickle.dumps(ds)
+    assert len(blob) < 20_000, len(blob)
+    copy = pickle.loads(blob)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+               for a, b in zip(direct, (copy[i] for i in range(0, len(ds), 7))))
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:400].tolist()
+    want = [ds[i] for i in order]
+    for context in ("spawn", "fork"):
+        loader = torch.utils.data.DataLoader(ds, batch_size=50, sampler=order, num_workers=2,
+                                             multiprocessing_context=context)
+        got = [item for m, s, y in loader for item in zip(m, s, y.tolist())]
+        assert len(got) == len(want), context
+        for (m, s, y), (wm, ws, wy) in zip(got, want):
+            assert torch.equal(m, wm) and torch.equal(s, ws) and y == wy, context
+
+
+def test_open_files_bounded_independent_of_shard_count(tmp_path):
+    mean, std, labels = _arrays(80, (1, 2, 2))
+    write_dataset(str(tmp_path), mean, std, labels, num_classes=7, shard_size=2)  # 40 shards
+    base = _n_open_fds()
+    ds = LatentDataset(str(tmp_path))
+    assert _n_open_fds() == base  # construction reads headers and closes them again
+    peak = base
+    for i in np.random.default_rng(0).permutation(len(ds)).tolist() + list(range(len(ds))):
+        mu, sd, y = ds[i]
+        assert np.array_equal(mu.numpy(), mean[i]) and np.array_equal(sd.numpy(), std[i]) and y == labels[i]
+        peak = max(peak, _n_open_fds())
+    assert peak - base <= 3 * 8, peak - base  # at most 8 shards x 3 files, not 40 x 3
+    ds.close()
+    assert _n_open_fds() == base
+    small = LatentDataset(str(tmp_path), max_open_shards=1)
+    for i in range(len(small)):
+        small[i]
+    assert _n_open_fds() - base <= 3
+    del small
+    assert _n_open_fds() == base
+
+
+def _rewrite_labels(data_dir: str, shard: str, labels) -> None:
+    np.save(os.path.join(data_dir, shard, "label.npy"), np.asarray(labels))
+
+
+def _edit_manifest(data_dir: str, **changes) -> None:
+    path = os.path.join(data_dir, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    for key, value in changes.items():
+        if value is None:
+            m.pop(key, None)
+        else:
+            m[key] = value
+    with open(path, "w") as f:
+        json.dump(m, f)
+
+
+def test_label_range_recorded_and_checked(tmp_path):
+    mean, std, labels = _arrays(20)
+    labels = np.arange(20) % 5 + 1  # 1..5
+    d = str(tmp_path / "d")
+    m = write_dataset(d, mean, std, labels, num_classes=7, shard_size=8)
+    assert (m["label_min"], m["label_max"]) == (1, 5) == (read_manifest(d)["label_min"], read_manifest(d)["label_max"])
+    assert LatentDataset(d).label_range == (1, 5)
+    # The writer refuses labels that would index past the class table or hit the CFG null row.
+    for bad, what in ((7, r"label 7 \(the classifier-free-guidance null class\), outside 0..6"),
+                      (-1, r"label -1, outside 0..6"), (9, r"label 9, outside 0..6")):
+        bad_labels = labels.copy()
+        bad_labels[13] = bad
+        with pytest.raises(DataError, match=r"shard-00001.label\.npy item 5 has " + what + " for num_classes 7: "
+                                            "fix the labels or num_classes"):
+            write_dataset(str(tmp_path / f"bad{bad}"), mean, std, bad_labels, num_classes=7, shard_size=8)
+    # A manifest without the recorded range (older preprocessing): the reader scans the label files.
+    _edit_manifest(d, label_min=None, label_max=None)
+    assert LatentDataset(d).label_range == (1, 5)
+    _rewrite_labels(d, "shard-00002", [0, 1, 7, 2])
+    with pytest.raises(DataError, match=r"^\S*shard-00002.label\.npy item 2 has label 7 \(the classifier-free-guidance "
+                                        r"null class\), outside 0..6 for num_classes 7: fix the labels \(re-run "
+                                        r"preprocessing\) or num_classes in \S*manifest.json$"):
+        LatentDataset(d)
+    _rewrite_labels(d, "shard-00002", [0, 1, -3, 2])
+    with pytest.raises(DataError, match=r"shard-00002.label\.npy item 2 has label -3, outside 0..6"):
+        LatentDataset(d)
+    # A recorded range that is out of bounds (num_classes edited down): the scan names the shard.
+    _rewrite_labels(d, "shard-00002", [0, 1, 4, 2])
+    _edit_manifest(d, label_min=0, label_max=5, num_classes=5)
+    with pytest.raises(DataError, match=r"shard-00000.label\.npy item 4 has label 5 \(the classifier-free-guidance "
+                                        r"null class\), outside 0..4 for num_classes 5"):
+        LatentDataset(d)
+    _edit_manifest(d, label_min=0, label_max=9, num_classes=7)  # the files are fine, the record is not
+    with pytest.raises(DataError, match=r"manifest.json records labels 0..9, outside 0..6"):
+        LatentDataset(d)
+    np.save(os.path.join(d, "shard-00002", "label.npy"), np.zeros(4, np.float32))
+    _edit_manifest(d, label_max=5)
+    with pytest.raises(DataError, match=r"shard-00002.label\.npy holds float32 labels, not integers"):
+        LatentDataset(d)
+
+
+def test_subclass_reads_an_extra_per_item_file(tmp_path):
+    """The extension point for per-item side data (e.g. GMem snippets): one more .npy per shard."""
+    mean, std, labels = _arrays(20)
+    d = str(tmp_path)
+    m = write_dataset(d, mean, std, labels, num_classes=7, shard_size=8)
+    extra = np.arange(20 * 3, dtype=np.float32).reshape(20, 3)
+    for s, start in zip(m["shards"], range(0, 20, 8)):
+        np.save(os.path.join(d, s["name"], "extra.npy"), extra[start:start + s["count"]])
+
+    class WithExtra(LatentDataset):
+        fields = ("mean", "std", "label", "extra")
+
+    ds = WithExtra(d)
+    for i in (0, 9, 19):
+        item = ds.read_item(i)
+        assert np.array_equal(item["extra"], extra[i]) and item["label"] == labels[i] and len(ds[i]) == 3
+    np.save(os.path.join(d, "shard-00001", "extra.npy"), extra[:7])
+    with pytest.raises(DataError, match=r"corrupt shard file \S*shard-00001.extra.npy: shape \(7, 3\), manifest says "
+                                        r"\(8, '...'\)"):
+        WithExtra(d)
