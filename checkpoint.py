@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from models.sit import SiT, SiTConfig, build_sit, load_sit_state_dict
+from models.sit import SiT, SiTConfig, build_sit, load_sit_state_dict, state_dict_has_qk_norm
 
 CKPT_PATTERN = re.compile(r"^(\d{7,})\.pt$")
 
@@ -67,8 +67,9 @@ def model_from_checkpoint(
     """Build the plain SiT a checkpoint describes and load its `weights` ("ema" or "model").
 
     Our checkpoints carry their model_config. A foreign (e.g. REPA-released) checkpoint has no
-    config: pass config_overrides with at least `model` (a SiT_models name) and num_classes.
-    A bare state dict (REPA's released last.pt) is accepted as the weights themselves.
+    config: pass config_overrides with at least `model` (a SiT_models name) and num_classes;
+    qk-norm is read from its keys. A bare state dict (REPA's released last.pt) is accepted as
+    the weights themselves.
     """
     overrides = dict(config_overrides or {})
     if weights in ckpt:
@@ -88,6 +89,13 @@ def model_from_checkpoint(
         if overrides.get("model") is None:
             raise CheckpointError("checkpoint has no model_config (not written by train.py): pass --model, "
                                   "e.g. --model SiT-XL/2, to say what it holds")
+        # No config: the weights say whether attention has qk-norm (an option of REPA's SiT too).
+        qk_norm = state_dict_has_qk_norm(state)
+        if overrides.get("qk_norm") is not None and bool(overrides["qk_norm"]) != qk_norm:
+            raise CheckpointError(f"qk_norm={overrides['qk_norm']} was given but the checkpoint weights "
+                                  f"{'have' if qk_norm else 'have no'} q_norm/k_norm: drop the setting, "
+                                  "the weights decide")
+        overrides["qk_norm"] = qk_norm
         model = build_sit(overrides.pop("model"), **overrides)
     load_sit_state_dict(model, state, log=log)
     return model

@@ -11,6 +11,7 @@ Time convention (used everywhere in this repository): t = 0 is data, t = 1 is no
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -150,6 +151,9 @@ class MemoryEmbedder(nn.Module):
         return emb
 
 
+QK_NORM_EPS = 1e-5
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool):
         super().__init__()
@@ -158,8 +162,9 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        # eps 1e-5: timm's Attention default, what REPA trained its qk-norm with (adaLN norms use 1e-6).
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=QK_NORM_EPS) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=QK_NORM_EPS) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -320,21 +325,51 @@ def build_sit(model: str | None = None, **overrides) -> SiT:
     return SiT(SiTConfig(**fields))
 
 
+# Keys a checkpoint may carry that the SiT never uses: REPA's projector MLPs, and our
+# regulariser (TrainModule.reg, e.g. the Repulsor head) in a TrainModule state dict.
+TRAINING_ONLY_PREFIXES = ("projectors.", "reg.")
+_QK_NORM_KEY = re.compile(r"^blocks\.\d+\.attn\.[qk]_norm\.")
+
+
+def _plain_key(key: str) -> str:
+    """A key without the DDP ("module.") and TrainModule ("sit.") wrappers' prefixes."""
+    return key.removeprefix("module.").removeprefix("sit.")
+
+
+def state_dict_has_qk_norm(state_dict: dict) -> bool:
+    """Whether a (possibly wrapped) SiT state dict holds qk-norm LayerNorm weights."""
+    return any(_QK_NORM_KEY.match(_plain_key(k)) for k in state_dict)
+
+
+def _some(keys: list[str]) -> str:
+    return ", ".join(repr(k) for k in keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
 def load_sit_state_dict(model: SiT, state_dict: dict, log=print) -> None:
-    """Load weights strictly by name and shape; keys a plain SiT does not have (e.g. REPA's
-    projectors, our training-only heads) are skipped with one log line."""
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    """Load weights strictly by name and shape. Only known training-only keys
+    (TRAINING_ONLY_PREFIXES) are skipped, with one log line; any other key the model does not
+    have, e.g. qk-norm weights into a model built without qk-norm, is a ValueError."""
+    state_dict = {_plain_key(k): v for k, v in state_dict.items()}
     own = model.state_dict()
-    extra = sorted(k for k in state_dict if k not in own)
     missing = sorted(k for k in own if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in own)
+    skipped = [k for k in unexpected if k.startswith(TRAINING_ONLY_PREFIXES)]
+    unknown = [k for k in unexpected if not k.startswith(TRAINING_ONLY_PREFIXES)]
+    if missing and all(_QK_NORM_KEY.match(k) for k in missing):
+        raise ValueError(f"checkpoint has no qk-norm weights (e.g. {missing[0]!r}) but the model uses qk-norm: "
+                         "build it without --qk-norm")
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} SiT weights, e.g. {missing[0]!r}: "
                          "it was not saved from this model family")
+    if unknown:
+        hint = ("it was trained with qk-norm: pass --qk-norm" if all(_QK_NORM_KEY.match(k) for k in unknown)
+                else "build the model with the checkpoint's config")
+        raise ValueError(f"checkpoint has {len(unknown)} weights this SiT does not have ({_some(unknown)}): {hint}")
     for k, v in own.items():
         if state_dict[k].shape != v.shape:
             raise ValueError(f"checkpoint weight {k!r} has shape {tuple(state_dict[k].shape)} but the model "
                              f"expects {tuple(v.shape)}: build the model with the checkpoint's config")
-    if extra:
-        prefixes = sorted({k.split(".")[0] for k in extra})
-        log(f"skipped {len(extra)} checkpoint keys not used by SiT (prefixes: {', '.join(prefixes)})")
+    if skipped:
+        prefixes = sorted({k.split(".")[0] for k in skipped})
+        log(f"skipped {len(skipped)} training-only checkpoint keys (prefixes: {', '.join(prefixes)})")
     model.load_state_dict({k: state_dict[k] for k in own}, strict=True)

@@ -85,3 +85,66 @@ def test_shape_mismatch_names_the_key():
     dst = build_sit(depth=1, hidden_size=64, num_heads=2, patch_size=2, input_size=8, in_channels=4, num_classes=7)
     with pytest.raises(ValueError, match=r"'y_embedder.embedding_table.weight' has shape \(4, 64\)"):
         load_sit_state_dict(dst, src.state_dict())
+
+
+TINY = dict(depth=2, hidden_size=64, num_heads=2, patch_size=2, input_size=8, in_channels=4, num_classes=3)
+
+
+def trained_like(qk_norm: bool) -> torch.nn.Module:
+    """A tiny SiT off its adaLN-Zero init, so every weight (also q_norm/k_norm) changes the output."""
+    torch.manual_seed(0)
+    model = build_sit(**TINY, qk_norm=qk_norm).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_qk_norm_eps_is_timms_and_adaln_norms_keep_1e6():
+    block = build_sit(**TINY, qk_norm=True).blocks[0]
+    assert block.attn.q_norm.eps == block.attn.k_norm.eps == 1e-5  # timm's default, REPA's qk-norm
+    assert block.norm1.eps == block.norm2.eps == 1e-6
+    assert build_sit(**TINY).final_layer.norm_final.eps == 1e-6
+
+
+def test_bare_state_dict_with_qk_norm_is_inferred_and_loads_exactly():
+    """A bare REPA-style state dict (qk-norm + projectors, no config) with a config that does not
+    say qk-norm: the weights decide, and the loaded model computes what the source did."""
+    src = trained_like(qk_norm=True)
+    state = {**src.state_dict(), "projectors.0.0.weight": torch.zeros(8, 64)}
+    logs = []
+    model = model_from_checkpoint(state, config_overrides={"model": "SiT-S/2", **TINY}, log=logs.append).eval()
+    assert model.config.qk_norm and len(logs) == 1 and "projectors" in logs[0]
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 2])
+    assert torch.equal(model(x, t, y), src(x, t, y))
+    plain = trained_like(qk_norm=False)
+    model = model_from_checkpoint(plain.state_dict(), config_overrides={"model": "SiT-S/2", **TINY}, log=logs.append)
+    assert not model.config.qk_norm
+    with pytest.raises(CheckpointError, match="qk_norm=False was given but the checkpoint weights have q_norm"):
+        model_from_checkpoint(state, config_overrides={"model": "SiT-S/2", **TINY, "qk_norm": False})
+
+
+def test_qk_norm_mismatch_and_unknown_keys_are_errors():
+    qk_state = trained_like(qk_norm=True).state_dict()
+    with pytest.raises(ValueError, match=r"8 weights this SiT does not have \('blocks.0.attn.k_norm.bias', .* "
+                                         r"and 5 more\): it was trained with qk-norm: pass --qk-norm"):
+        load_sit_state_dict(build_sit(**TINY), qk_state)
+    with pytest.raises(ValueError, match="no qk-norm weights .* build it without --qk-norm"):
+        load_sit_state_dict(build_sit(**TINY, qk_norm=True), build_sit(**TINY).state_dict())
+    state = {**build_sit(**TINY).state_dict(), "blocks.0.attn.extra.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"1 weights this SiT does not have \('blocks.0.attn.extra.weight'\): "
+                                         "build the model with the checkpoint's config"):
+        load_sit_state_dict(build_sit(**TINY), state)
+
+
+def test_train_module_state_dict_loads_skipping_the_regulariser():
+    """The TrainModule layout (DDP-wrapped too): sit.* are the weights, reg.* is training-only."""
+    src = trained_like(qk_norm=False)
+    state = {f"module.sit.{k}": v for k, v in src.state_dict().items()}
+    state["module.reg.head.0.weight"] = torch.zeros(16, 64)
+    logs = []
+    dst = build_sit(**TINY)
+    load_sit_state_dict(dst, state, log=logs.append)
+    assert len(logs) == 1 and "reg" in logs[0]
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
