@@ -14,9 +14,12 @@ so `sample_ddp.py --ckpt PATH` needs no other flag.
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import re
+import socket
+import time
 from typing import Any
 
 import torch
@@ -41,11 +44,76 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def latest_checkpoint(ckpt_dir: str) -> str | None:
-    """Newest complete checkpoint (by step) in a directory; temporary files are ignored."""
+def checkpoints_newest_first(ckpt_dir: str) -> list[str]:
+    """Checkpoint files (NNNNNNN.pt) of a directory, highest step first; temporary files are ignored."""
     found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(ckpt_dir, "*.pt"))
              if (m := CKPT_PATTERN.match(os.path.basename(p)))]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(ckpt_dir: str) -> str | None:
+    """Newest checkpoint (by step) in a directory, or None."""
+    found = checkpoints_newest_first(ckpt_dir)
+    return found[0] if found else None
+
+
+def newest_loadable_checkpoint(ckpt_dir: str, log=print) -> tuple[str | None, dict[str, Any] | None]:
+    """The newest checkpoint that loads, as (path, contents); (None, None) if there is none.
+
+    A garbage, truncated or empty newer file (a disk that filled up, a copy that was cut off) is
+    reported in one line and left in place for inspection; the previous checkpoint is used.
+    """
+    for path in checkpoints_newest_first(ckpt_dir):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as e:
+            log(f"skipping unreadable checkpoint {path} (left in place): {e}")
+    return None, None
+
+
+def remove_stale_temp_files(ckpt_dir: str) -> list[str]:
+    """Delete the NNNNNNN.pt.tmp-PID files of crashed writes (gigabytes each at SiT-XL size).
+    Call only while holding the run lock, so no live writer owns them."""
+    stale = glob.glob(os.path.join(ckpt_dir, "*.pt.tmp-*"))
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
+class RunLock:
+    """Exclusive lock on a run directory: one training process group writes to it at a time.
+
+    flock(2) on RUN/lock, taken by rank 0 and held until the process exits. The kernel releases it
+    when the holder dies (also on kill -9), so a lock left by a dead process never blocks. On NFS,
+    Linux maps flock to a byte-range lock that the server releases when the client's lease ends.
+    The file records who holds it, for the error message; it is never deleted (deleting lock files races).
+    """
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, "lock")
+        self.file = None
+
+    def acquire(self) -> None:
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown process"
+            f.close()
+            raise CheckpointError(f"run directory {os.path.dirname(self.path)} is in use by another training run "
+                                  f"({holder}): stop that run, wait for it to finish, or pick another --exp-name") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self.file = f
+
+    def release(self) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:

@@ -11,8 +11,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSON-lines file; a line cut off by a crash mid-write is skipped."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # partial line (empty lines land here too)
+    return rows
 
 
 def plot_metrics(metrics_path: str, out_path: str) -> str | None:

@@ -26,8 +26,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from dataset import DataError, DistributedEpochSampler, LatentDataset, latent_scale_shift, sample_latents
+from checkpoint import (CheckpointError, RunLock, checkpoints_newest_first, load_checkpoint, newest_loadable_checkpoint,
+                        remove_stale_temp_files, save_checkpoint)
+from dataset import (DataError, DistributedEpochSampler, LatentDataset, atomic_write_json, data_fingerprint,
+                     fingerprint_mismatch, latent_scale_shift, sample_latents)
 from distributed import barrier, cleanup, init_distributed, is_dist
 from loss import (PATH_TYPES, REGULARISERS, TIME_SAMPLINGS, Dispersive, Regulariser, build_regulariser, interpolate,
                   sample_time, velocity_loss)
@@ -39,9 +41,10 @@ class TrainError(RuntimeError):
     """A run that cannot go on; the message says why and what to do."""
 
 
-# Flags that define the objective or the data order: --resume refuses to change them (the regulariser's
+# Flags that define the objective or the data order (--seed and --grad-accum-steps decide the order and
+# the Repulsor's in-batch negatives): --resume refuses to change them (the regulariser's
 # only when one is used). A value a checkpoint did not record (None) is not checked.
-RESUME_MUST_MATCH = ("global_batch_size", "path_type", "time_sampling", "reg")
+RESUME_MUST_MATCH = ("global_batch_size", "grad_accum_steps", "seed", "path_type", "time_sampling", "reg")
 RESUME_MUST_MATCH_REG = ("reg_weight", "reg_depth", "reg_t_max", "temperature", "proj_dim", "proj_hidden", "bank_size",
                          "bank_dtype", "reg_pool", "disp_variant", "disp_margin")
 
@@ -80,6 +83,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on Ampere+ GPUs")
     g.add_argument("--compile", action="store_true", help="torch.compile the SiT")
     g.add_argument("--ema-decay", type=float, default=0.9999)
+    g.add_argument("--max-skipped-steps", type=int, default=100,
+                   help="fp16: stop after this many consecutive steps skipped for non-finite gradients "
+                        "(bf16 and fp32 stop at the first non-finite step)")
     g.add_argument("--ema-warmup", action="store_true",
                    help="decay = min(ema-decay, (1 + step) / (10 + step)); needed for short runs, whose plain "
                         "EMA stays at the zero-output initialisation")
@@ -116,9 +122,43 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         missing = [f for f in ("depth", "hidden_size", "num_heads", "patch_size") if getattr(args, f) is None]
         if missing:
             p.error(f"--model custom needs {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    validate_args(args)
     if args.exp_name is None:
-        args.exp_name = f"{args.model.replace('/', '_')}-{args.reg}"
+        args.exp_name = default_exp_name(args)
     return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """One-line errors for flag values that would crash mid-run or train something meaningless."""
+    at_least_one = ("global_batch_size", "grad_accum_steps", "log_every", "ckpt_every", "max_skipped_steps",
+                    "proj_dim", "proj_hidden", "sample_steps")
+    non_negative = ("max_steps", "sample_every", "bank_size", "num_workers", "weight_decay", "max_grad_norm")
+    checks = [(f, getattr(args, f) >= 1, "must be at least 1") for f in at_least_one]
+    checks += [(f, getattr(args, f) >= 0, "must be >= 0") for f in non_negative]
+    checks += [("cfg_prob", 0 <= args.cfg_prob < 1, "must be in [0, 1)"),
+               ("ema_decay", 0 <= args.ema_decay <= 1, "must be in [0, 1]"),
+               ("temperature", args.temperature > 0, "must be > 0"),
+               ("lr", args.lr > 0, "must be > 0"),
+               ("adam_beta1", 0 <= args.adam_beta1 < 1, "must be in [0, 1)"),
+               ("adam_beta2", 0 <= args.adam_beta2 < 1, "must be in [0, 1)"),
+               ("reg_t_max", 0 < args.reg_t_max <= 1, "must be in (0, 1]")]
+    checks += [(f, getattr(args, f) is None or getattr(args, f) >= 1, "must be at least 1")
+               for f in ("depth", "hidden_size", "num_heads", "patch_size", "num_classes")]
+    for flag, ok, rule in checks:
+        if not ok:
+            raise TrainError(f"--{flag.replace('_', '-')} {getattr(args, flag)} {rule}")
+
+
+def default_exp_name(args: argparse.Namespace) -> str:
+    """Model, any size overrides and regulariser, e.g. SiT-B_2-repulsor or custom-d6-w128-h4-p4-repulsor,
+    so two different experiments never continue each other's run directory by default."""
+    parts = [args.model.replace("/", "_")]
+    for flag, tag in (("depth", "d"), ("hidden_size", "w"), ("num_heads", "h"), ("patch_size", "p")):
+        if getattr(args, flag) is not None:
+            parts.append(f"{tag}{getattr(args, flag)}")
+    if args.qk_norm:
+        parts.append("qknorm")
+    return "-".join(parts + [args.reg])
 
 
 class TrainModule(nn.Module):
@@ -140,19 +180,38 @@ class TrainModule(nn.Module):
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, applied: torch.Tensor | None = None) -> None:
+    """ema += (1 - decay) (model - ema); `applied` (0-d, 1 or 0) keeps the EMA still on a skipped step
+    without a host sync."""
     ema_params = list(ema.parameters())
-    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+    weight = torch.tensor(1.0 - decay, device=ema_params[0].device)
+    if applied is not None:
+        weight = weight * applied
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], [weight] * len(ema_params))
+
+
+def make_optimizer(params: list, args: argparse.Namespace) -> torch.optim.AdamW:
+    """Fused AdamW on every device (CPU too): its kernel takes `found_inf`, which is how a non-finite
+    step is skipped on the device, without a host sync."""
+    return torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                             weight_decay=args.weight_decay, fused=True)
+
+
+# What made a step non-finite, in the order of the flags train_step returns; the first one names the cause.
+NONFINITE_KINDS = ("input", "loss", "grad")
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list,
                batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], args: argparse.Namespace,
-               scale: torch.Tensor, shift: torch.Tensor, amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+               scale: torch.Tensor, shift: torch.Tensor, amp_dtype: torch.dtype | None
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimizer step on this rank's share of the global batch (split in --grad-accum-steps).
 
-    `model` is the TrainModule, DDP-wrapped when distributed. Returns the detached loss terms
-    (mean over micro-batches) and grad_norm. A non-finite loss on any rank raises
-    FloatingPointError on every rank before the weights change.
+    `model` is the TrainModule, DDP-wrapped when distributed; `opt` comes from make_optimizer.
+    Returns the detached loss terms (mean over micro-batches, plus grad_norm) and a bool tensor
+    of NONFINITE_KINDS flags, identical on every rank. When any flag is set, the update is skipped
+    on the device (weights and optimizer state untouched) and nothing is read back to the host:
+    the caller accumulates the flags and reads them only at logging and checkpoint steps.
     """
     mean, std, labels = batch
     device = mean.device
@@ -174,20 +233,67 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.G
             scaler.scale(terms["loss"] / accum).backward()
         for k, v in terms.items():
             terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / accum
-    scaler.unscale_(opt)
+    scaler.unscale_(opt)  # fp16: true gradients (and the scaler's own overflow record); a no-op otherwise
     grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0
-                 else torch.zeros((), device=device))
-    # Every step: stop on a non-finite loss before it reaches the weights or a checkpoint.
-    check = terms_sum["loss"].detach().clone()
-    if is_dist():
-        dist.all_reduce(check)
-    if not torch.isfinite(check):
-        raise FloatingPointError(f"{check.item()}")
-    scaler.step(opt)
-    scaler.update()
+                 else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    nonfinite = torch.stack([~(torch.isfinite(mean).all() & torch.isfinite(std).all()),
+                             ~torch.isfinite(terms_sum["loss"]), ~torch.isfinite(grad_norm)]).float()
+    if is_dist():  # a bad step on one rank is skipped on all of them
+        dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+    opt.found_inf = nonfinite.amax()  # the fused kernel leaves weights and moments alone when this is 1
+    opt.step()
+    del opt.found_inf
+    scaler.update()  # fp16: back off the loss scale after an overflow
     opt.zero_grad(set_to_none=True)
     terms_sum["grad_norm"] = grad_norm.float().detach()
-    return terms_sum
+    return terms_sum, nonfinite.bool()
+
+
+class NonFiniteGuard:
+    """Counts skipped (non-finite) steps on the device; `check` reads them at logging/checkpoint steps.
+
+    bf16/fp32 runs stop at the first non-finite step; fp16 runs skip overflowing steps as GradScaler
+    does and stop after --max-skipped-steps in a row. A non-finite input batch always stops the run.
+    Skipped steps never reach the weights, the EMA or a checkpoint, since `check` runs before every save.
+    """
+
+    def __init__(self, device: torch.device, fp16: bool, max_consecutive: int):
+        self.fp16, self.max_consecutive = fp16, max_consecutive
+        self.first = torch.zeros(len(NONFINITE_KINDS), dtype=torch.long, device=device)  # first step per kind
+        # current streak, longest streak and where it began, total skipped
+        self.streak, self.longest, self.longest_start, self.skipped = (
+            torch.zeros((), dtype=torch.long, device=device) for _ in range(4))
+
+    def record(self, step: int, flags: torch.Tensor) -> torch.Tensor:
+        """Add one step's flags; returns 1 if the step was applied, 0 if it was skipped (on the device)."""
+        bad = flags.any()
+        self.first = torch.where(flags & (self.first == 0), step, self.first)
+        self.streak = (self.streak + 1) * bad
+        longer = self.streak > self.longest
+        self.longest_start = torch.where(longer, step + 1 - self.streak, self.longest_start)
+        self.longest = torch.maximum(self.longest, self.streak)
+        self.skipped = self.skipped + bad
+        return (~bad).float()
+
+    def check(self, args: argparse.Namespace, ckpt_dir: str) -> int:
+        """Raise TrainError if the run must stop; else return the number of skipped steps so far (host sync)."""
+        *first, longest, longest_start, skipped = torch.cat(
+            [self.first, torch.stack([self.longest, self.longest_start, self.skipped])]).tolist()
+        if not skipped:
+            return 0
+        untouched = f"the step was skipped and the last checkpoint in {ckpt_dir} is untouched"
+        if first[0]:
+            raise TrainError(f"the input batch of step {first[0]} holds non-finite latents: bad data in "
+                             f"{args.data_dir} (re-run preprocessing to rewrite it); {untouched}")
+        if not self.fp16:
+            step, kind = min((s, k) for k, s in zip(NONFINITE_KINDS, first) if s)
+            what = "loss is non-finite" if kind == "loss" else "gradient norm is non-finite with a finite loss"
+            raise TrainError(f"{what} at step {step} (--mixed-precision {args.mixed_precision}): {untouched}; "
+                             "lower --lr, or try --mixed-precision no")
+        if longest >= self.max_consecutive:
+            raise TrainError(f"{longest} fp16 steps in a row were non-finite, from step {longest_start}: the loss "
+                             f"scale does not recover; {untouched}; try --mixed-precision bf16 or lower --lr")
+        return skipped
 
 
 def rng_state(device: torch.device) -> dict:
@@ -211,6 +317,30 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_from_main(obj):
+    """Rank 0's value of obj on every rank (obj itself without a process group)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main_then_share(info, fn):
+    """Run fn() on rank 0 only and give every rank its result; an error on rank 0 is raised on every
+    rank (as the same one-line error), so no rank waits forever in a collective."""
+    result = error = None
+    if info.is_main:
+        try:
+            result = fn()
+        except (TrainError, DataError, CheckpointError) as e:
+            error = (type(e).__name__, str(e))
+    result, error = broadcast_from_main((result, error))
+    if error is not None:
+        raise {"TrainError": TrainError, "DataError": DataError, "CheckpointError": CheckpointError}[error[0]](error[1])
+    return result
 
 
 class RunLogger:
@@ -258,6 +388,136 @@ def check_manifest_matches(config: dict, manifest: dict) -> None:
                         "drop --num-classes or set it to at least the manifest's")
 
 
+def open_run_dir(args: argparse.Namespace, info) -> tuple[str, str, RunLock | None]:
+    """Create RUN/checkpoints, take the run lock (rank 0) and clear stale temporary files of crashed writes."""
+    run_dir = os.path.join(args.results_dir, args.exp_name)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+
+    taken: dict[str, RunLock] = {}
+
+    def take() -> None:
+        try:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            probe = os.path.join(ckpt_dir, f".write-test-{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise TrainError(f"cannot write to {ckpt_dir} ({e.strerror}): pass a writable --results-dir") from None
+        taken["lock"] = RunLock(run_dir)
+        taken["lock"].acquire()
+        remove_stale_temp_files(ckpt_dir)
+
+    on_main_then_share(info, take)
+    return run_dir, ckpt_dir, taken.get("lock")
+
+
+def choose_checkpoint(args: argparse.Namespace, ckpt_dir: str, info, log) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from, chosen by rank 0 and loaded by every rank from that one path.
+
+    Ranks on other nodes may list the directory differently (node-local disks, a cached NFS
+    listing), so they never pick on their own. With --resume auto an unreadable newest file is
+    skipped (and left in place) in favour of the newest one that loads.
+    """
+    picked: dict[str, dict] = {}
+
+    def pick() -> str | None:
+        if args.resume == "none":
+            if checkpoints_newest_first(ckpt_dir):
+                raise TrainError(f"{ckpt_dir} already holds checkpoints: use --resume auto to continue the run, "
+                                 "or another --exp-name")
+            return None
+        if args.resume != "auto":
+            picked["ckpt"] = load_checkpoint(args.resume)
+            return args.resume
+        path, ckpt = newest_loadable_checkpoint(ckpt_dir, log)
+        if path is None and checkpoints_newest_first(ckpt_dir):
+            raise CheckpointError(f"no checkpoint in {ckpt_dir} can be read (see the lines above): pass --resume "
+                                  "PATH, or move them away to start afresh")
+        if path is not None:
+            picked["ckpt"] = ckpt
+        return path
+
+    path = on_main_then_share(info, pick)
+    if path is None:
+        return None, None
+    ckpt, error = picked.get("ckpt"), None
+    if not info.is_main:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:  # e.g. a node that does not see the file: every rank must stop, not hang
+            error = f"rank {info.rank}: {e}"
+    errors = [e for e in gather_objects(error) if e]
+    if errors:
+        raise CheckpointError(f"not every rank can read the checkpoint rank 0 chose (put checkpoints on storage "
+                              f"every node sees): {errors[0]}")
+    if not {"model_config", "opt", "rng"} <= set(ckpt):
+        raise CheckpointError(f"{path} is not a train.py checkpoint (no optimizer/RNG state): "
+                              "it can be sampled from, not resumed")
+    return path, ckpt
+
+
+def restore_training_state(ckpt: dict, path: str, args: argparse.Namespace, manifest: dict, parts: dict,
+                           world: int, rank: int, device: torch.device, log) -> int:
+    """Check that `ckpt` continues this run (model, objective, data) and load every piece of state
+    into `parts` (sit, ema, reg, opt, scaler). Returns the step to continue from."""
+    check_manifest_matches(ckpt["model_config"], manifest)
+    model_config = parts["sit"].config.to_dict()
+    if ckpt["model_config"] != model_config:
+        diff = ", ".join(f"{k}={v}" for k, v in ckpt["model_config"].items() if model_config.get(k) != v)
+        raise CheckpointError(f"checkpoint {path} was trained with a different model ({diff}): resume with its flags")
+    for key in RESUME_MUST_MATCH + (RESUME_MUST_MATCH_REG if args.reg != "none" else ()):
+        if ckpt["args"].get(key) is not None and ckpt["args"][key] != getattr(args, key):
+            raise CheckpointError(f"checkpoint {path} was trained with --{key.replace('_', '-')} "
+                                  f"{ckpt['args'][key]} (now {getattr(args, key)}): resume with the same value")
+    if "data_fingerprint" in ckpt:
+        diff = fingerprint_mismatch(ckpt["data_fingerprint"], data_fingerprint(manifest))
+        if diff:
+            raise CheckpointError(f"checkpoint {path} was trained on other data than {args.data_dir} ({diff}): "
+                                  "resume with its --data-dir, or start a new run with another --exp-name")
+    load_sit_state_dict(parts["sit"], ckpt["model"], log=log)
+    load_sit_state_dict(parts["ema"], ckpt["ema"], log=log)
+    parts["reg"].load_state_dict(ckpt["regulariser"])
+    parts["reg"].load_extra_state(ckpt.get("reg_extra", {}))
+
+    opt = parts["opt"]
+    # load_state_dict restores every option the checkpoint was written with: the flags win for the
+    # hyperparameters, and the implementation (fused, foreach, capturable) follows this run's device.
+    keep = [{k: g[k] for k in ("lr", "betas", "weight_decay", "fused", "foreach", "capturable", "differentiable")
+             if k in g} for g in opt.param_groups]
+    opt.load_state_dict(ckpt["opt"])
+    for group, values in zip(opt.param_groups, keep):
+        group.update(values)
+
+    scaler = parts["scaler"]
+    if scaler.is_enabled() and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    elif scaler.is_enabled():
+        log(f"checkpoint {path} was trained without fp16: starting a fresh fp16 loss scale")
+
+    step = ckpt["step"]
+    if len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank], device)
+    else:
+        log(f"checkpoint has RNG states of {len(ckpt['rng'])} ranks, this run has {world}: reseeding "
+            "(the run continues but not bit-exactly)")
+        torch.manual_seed(args.seed * world + rank + step)
+    return step
+
+
+def trim_metrics(run_dir: str, step: int) -> None:
+    """Keep the metrics.jsonl rows up to `step`: after a resume (or a crash before the first checkpoint)
+    the steps past it are trained again and must not be logged twice. Drops a partial last line."""
+    from plots import read_jsonl
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.isfile(path):
+        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, path)
+
+
 def main(args: argparse.Namespace) -> None:
     info = init_distributed(args.device)
     device, rank, world = info.device, info.rank, info.world_size
@@ -279,26 +539,9 @@ def main(args: argparse.Namespace) -> None:
         raise DataError(f"--num-classes {num_classes} is below the data's {manifest['num_classes']} classes: "
                         "drop the flag (the manifest's count is the default)")
 
-    run_dir = os.path.join(args.results_dir, args.exp_name)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if info.is_main:
-        os.makedirs(ckpt_dir, exist_ok=True)
-    barrier()
+    run_dir, ckpt_dir, lock = open_run_dir(args, info)
     log = RunLogger(run_dir, info.is_main)
-
-    resume_path = None
-    if args.resume == "auto":
-        resume_path = latest_checkpoint(ckpt_dir)
-    elif args.resume == "none":
-        if latest_checkpoint(ckpt_dir):
-            raise TrainError(f"{run_dir} already holds checkpoints: use --resume auto to continue it, "
-                             "or another --exp-name")
-    else:
-        resume_path = args.resume
-    ckpt = load_checkpoint(resume_path) if resume_path else None
-    if ckpt is not None and not {"model_config", "opt", "rng"} <= set(ckpt):
-        raise CheckpointError(f"{resume_path} is not a train.py checkpoint (no optimizer/RNG state): "
-                              "it can be sampled from, not resumed")
+    resume_path, ckpt = choose_checkpoint(args, ckpt_dir, info, log)
 
     # Model and regulariser are built under the run seed; training randomness is reseeded
     # per rank afterwards, so adding a regulariser never changes the SiT's init or data order.
@@ -308,24 +551,13 @@ def main(args: argparse.Namespace) -> None:
                     patch_size=args.patch_size, input_size=h, in_channels=c, num_classes=num_classes,
                     class_dropout_prob=args.cfg_prob, qk_norm=args.qk_norm or None).to(device)
     model_config = sit.config.to_dict()
-    if ckpt is not None:
-        check_manifest_matches(ckpt["model_config"], manifest)
-        if ckpt["model_config"] != model_config:
-            diff = ", ".join(f"{k}={v}" for k, v in ckpt["model_config"].items() if model_config.get(k) != v)
-            raise CheckpointError(f"checkpoint {resume_path} was trained with a different model ({diff}): "
-                                  "resume with its flags")
     named_size = name if args.depth is None else None  # an overridden depth gets the custom default block
     reg = build_regulariser(args, named_size, sit.config.hidden_size, sit.config.depth,
                             args.global_batch_size // args.grad_accum_steps, device).to(device)
     ema = copy.deepcopy(sit).requires_grad_(False).eval()
     train_module = TrainModule(sit, reg)
-    if args.compile:
-        sit.compile()  # in place: state-dict keys stay plain
-    ddp = DDP(train_module, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else train_module
-
     params = [p for p in train_module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                            weight_decay=args.weight_decay, fused=device.type == "cuda")
+    opt = make_optimizer(params, args)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     scale, shift = latent_scale_shift(manifest)
@@ -333,36 +565,28 @@ def main(args: argparse.Namespace) -> None:
 
     step = 0
     if ckpt is not None:
-        for key in RESUME_MUST_MATCH + (RESUME_MUST_MATCH_REG if args.reg != "none" else ()):
-            if ckpt["args"].get(key) is not None and ckpt["args"][key] != getattr(args, key):
-                raise CheckpointError(f"checkpoint {resume_path} was trained with --{key.replace('_', '-')} "
-                                      f"{ckpt['args'][key]} (now {getattr(args, key)}): resume with the same value")
-        load_sit_state_dict(sit, ckpt["model"], log=log)
-        load_sit_state_dict(ema, ckpt["ema"], log=log)
-        reg.load_state_dict(ckpt["regulariser"])
-        reg.load_extra_state(ckpt.get("reg_extra", {}))
-        opt.load_state_dict(ckpt["opt"])
-        for group in opt.param_groups:  # load_state_dict restores the old hyperparameters: the flags win
-            group.update(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank], device)
-        else:
-            log(f"checkpoint has RNG states of {len(ckpt['rng'])} ranks, this run has {world}: reseeding "
-                "(the run continues but not bit-exactly)")
-            torch.manual_seed(args.seed * world + rank + step)
+        parts = dict(sit=sit, ema=ema, reg=reg, opt=opt, scaler=scaler)
+        step = restore_training_state(ckpt, resume_path, args, manifest, parts, world, rank, device, log)
         log(f"resumed from {resume_path} at step {step}")
     else:
         torch.manual_seed(args.seed * world + rank)
         np.random.seed(args.seed * world + rank)
         random.seed(args.seed * world + rank)
     del ckpt
+    resumed = set(gather_objects((resume_path, step)))
+    if len(resumed) > 1:
+        raise TrainError(f"ranks resumed at different steps ({sorted(resumed)}): the checkpoint directory must be "
+                         "the same shared storage on every node")
+    if args.compile:
+        sit.compile()  # in place: state-dict keys stay plain
+    # Wrapped after loading: DDP's construction broadcasts rank 0's weights, so every rank starts equal.
+    ddp = DDP(train_module, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else train_module
 
-    if info.is_main:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump({"args": vars(args), "model_config": model_config, "world_size": world,
-                       "data": manifest_for_sampling(manifest)}, f, indent=2)
+    if info.is_main:  # written once the lock is held and the resume checks passed: it describes the weights
+        atomic_write_json(os.path.join(run_dir, "config.json"),
+                          {"args": vars(args), "model_config": model_config, "world_size": world,
+                           "data": manifest_for_sampling(manifest), "data_fingerprint": data_fingerprint(manifest)})
+        trim_metrics(run_dir, step)
     n_params = sum(p.numel() for p in sit.parameters())
     n_reg = sum(p.numel() for p in reg.parameters())
     log(f"run dir {run_dir}; {world} process(es) on {device.type}; SiT {n_params / 1e6:.2f}M parameters"
@@ -378,6 +602,7 @@ def main(args: argparse.Namespace) -> None:
                          # or a resumed run (which starts one mid-epoch) would diverge.
                          generator=torch.Generator().manual_seed(args.seed))
     grid_fn = make_sample_grid_fn(args, ema, manifest, run_dir, device) if (args.sample_every and info.is_main) else None
+    guard = NonFiniteGuard(device, fp16=args.mixed_precision == "fp16", max_consecutive=args.max_skipped_steps)
 
     window: list[dict] = []
     t_window = time.time()
@@ -388,19 +613,24 @@ def main(args: argparse.Namespace) -> None:
         sampler.set_epoch(epoch, start)
         for mean, std, labels in DataLoader(dataset, sampler=sampler, **loader_kwargs):
             mean, std, labels = (v.to(device, non_blocking=True) for v in (mean, std, labels))
-            try:
-                step_terms = train_step(ddp, opt, scaler, params, (mean, std, labels), args, scale, shift, amp_dtype)
-            except FloatingPointError as e:
-                pbar.close()
-                raise TrainError(f"loss is {e} at step {step + 1}: stopping; the last good checkpoint in "
-                                 f"{ckpt_dir} is untouched (lower --lr, or try --mixed-precision no)") from None
+            step_terms, nonfinite = train_step(ddp, opt, scaler, params, (mean, std, labels), args, scale, shift,
+                                               amp_dtype)
             step += 1
+            applied = guard.record(step, nonfinite)
             decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
-            update_ema(ema, sit, decay)
+            update_ema(ema, sit, decay, applied)
             window.append(step_terms)
             pbar.update(1)
+            is_log_step = step % args.log_every == 0 or step == args.max_steps
+            is_ckpt_step = step % args.ckpt_every == 0 or step == args.max_steps
+            if is_log_step or is_ckpt_step:  # the only host reads of the non-finite flags
+                try:
+                    skipped = guard.check(args, ckpt_dir)
+                except TrainError:
+                    pbar.close()
+                    raise
 
-            if step % args.log_every == 0 or step == args.max_steps:
+            if is_log_step:
                 keys = sorted(set().union(*window))  # e.g. bank stats appear once the bank has entries
                 avg = torch.stack([torch.stack([w_[k].float().to(device) for w_ in window if k in w_]).mean()
                                    for k in keys])
@@ -410,7 +640,8 @@ def main(args: argparse.Namespace) -> None:
                 elapsed = time.time() - t_window
                 metrics = {k: avg[j].item() for j, k in enumerate(keys)}
                 metrics.update(step=step, steps_per_s=len(window) / elapsed,
-                               samples_per_s=len(window) * args.global_batch_size / elapsed, ema_decay=decay)
+                               samples_per_s=len(window) * args.global_batch_size / elapsed, ema_decay=decay,
+                               skipped_steps=skipped)
                 if info.is_main:
                     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                         f.write(json.dumps(metrics) + "\n")
@@ -420,7 +651,7 @@ def main(args: argparse.Namespace) -> None:
                     log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
                 window, t_window = [], time.time()
 
-            if step % args.ckpt_every == 0 or step == args.max_steps:
+            if is_ckpt_step:
                 t_ckpt = time.time()
                 rngs = gather_objects(rng_state(device))
                 if info.is_main:
@@ -432,9 +663,13 @@ def main(args: argparse.Namespace) -> None:
                         "data_position": {"epoch": epoch, "step_in_epoch": step - epoch * sampler.steps_per_epoch,
                                           "steps_per_epoch": sampler.steps_per_epoch},
                         "args": vars(args), "model_config": model_config, "data": manifest_for_sampling(manifest),
+                        "data_fingerprint": data_fingerprint(manifest),
                     })
                     log(f"saved checkpoint {path}")
-                    plot_loss_curve(run_dir)
+                    try:  # a picture is never worth stopping a run for
+                        plot_loss_curve(run_dir)
+                    except Exception as e:  # noqa: BLE001
+                        log(f"warning: loss curve not plotted ({type(e).__name__}: {e})")
                 barrier()
                 t_window += time.time() - t_ckpt  # keep steps/s about training, not saving
             if grid_fn is not None and step % args.sample_every == 0:
@@ -446,6 +681,8 @@ def main(args: argparse.Namespace) -> None:
     pbar.close()
     log(f"done: {step} steps; checkpoints in {ckpt_dir}")
     cleanup()
+    if lock is not None:
+        lock.release()
 
 
 def manifest_for_sampling(manifest: dict) -> dict:

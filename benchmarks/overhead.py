@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from loss import Repulsor, build_regulariser, repulsor_loss  # noqa: E402
 from models.sit import SiT_models, build_sit  # noqa: E402
-from train import TrainModule, get_args, train_step, update_ema  # noqa: E402
+from train import TrainModule, get_args, make_optimizer, train_step, update_ema  # noqa: E402
 
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_FLAG = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -96,8 +96,7 @@ class Config:
         self.sit, self.ema = sit, copy.deepcopy(sit).requires_grad_(False).eval()
         self.module = TrainModule(sit, self.reg).train()
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                     weight_decay=args.weight_decay, fused=device.type == "cuda")
+        self.opt = make_optimizer(self.params, args)
         self.scaler = torch.amp.GradScaler(device.type, enabled=b.precision == "fp16")
         self.amp_dtype = AMP[b.precision]
         self.reg_depth = self.reg.depth

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from loss import build_regulariser  # noqa: E402
 from models.sit import build_sit  # noqa: E402
-from train import TrainModule, get_args, train_step  # noqa: E402
+from train import TrainModule, get_args, make_optimizer, train_step  # noqa: E402
 
 
 def measure(train_flags: list[str], channels: int, size: int, num_classes: int, steps: int, warmup: int,
@@ -37,7 +37,7 @@ def measure(train_flags: list[str], channels: int, size: int, num_classes: int, 
     if args.compile:
         sit.compile()
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, fused=device.type == "cuda")
+    opt = make_optimizer(params, args)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     b = args.global_batch_size

@@ -1,0 +1,316 @@
+"""train.py under faults: non-finite steps, resume edge cases, the run lock, flag values, a fresh clone.
+
+Most runs here call train.main in-process (one CPU process, tiny model): fast, and faults can be
+injected by monkeypatching. Multi-rank behaviour runs under real torchrun (gloo).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from checkpoint import RunLock, load_checkpoint
+from conftest import ROOT, TINY_MODEL, make_easy_dataset, run_train
+from dataset import write_dataset
+from loss import build_regulariser
+from models.sit import build_sit
+from train import NonFiniteGuard, TrainError, TrainModule, get_args, make_optimizer, train_step, update_ema
+
+
+def _args(data, res, *extra):
+    return get_args(["--data-dir", data, "--results-dir", str(res), "--exp-name", "run", *TINY_MODEL,
+                     "--global-batch-size", "8", "--lr", "1e-3", "--num-workers", "0", "--device", "cpu",
+                     "--log-every", "1", *extra])
+
+
+def _ckpts(res):
+    d = os.path.join(res, "run", "checkpoints")
+    return sorted(f for f in os.listdir(d) if f.endswith(".pt"))
+
+
+def _metric_steps(res):
+    with open(os.path.join(res, "run", "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def _poison_grads_from(monkeypatch, first_step: int, last_step: int = 10**9):
+    """From the first_step-th call on, the loss keeps its finite value but its gradients are NaN
+    (the gradient of an unselected torch.where branch through sqrt of a negative number)."""
+    calls = {"n": 0}
+    original = train.velocity_loss
+
+    def velocity_loss(pred, target):
+        calls["n"] += 1
+        loss = original(pred, target)
+        if first_step <= calls["n"] <= last_step:
+            loss = loss + torch.where(torch.tensor(True), 0.0, torch.sqrt(-pred.float().pow(2).sum() - 1))
+        return loss
+
+    monkeypatch.setattr(train, "velocity_loss", velocity_loss)
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+def _tiny_step_setup(precision="no"):
+    args = get_args(["--data-dir", "unused", *TINY_MODEL, "--global-batch-size", "4", "--mixed-precision", precision])
+    torch.manual_seed(0)
+    sit = build_sit(None, depth=2, hidden_size=64, num_heads=2, patch_size=4, input_size=16, in_channels=1,
+                    num_classes=4)
+    reg = build_regulariser(args, None, 64, 2, 4, "cpu")
+    module = TrainModule(sit, reg).train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = make_optimizer(params, args)
+    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    batch = (torch.randn(4, 1, 16, 16), torch.zeros(4, 1, 16, 16), torch.randint(0, 4, (4,)))
+    one, zero = torch.ones(1, 1, 1), torch.zeros(1, 1, 1)
+    return args, sit, module, params, opt, scaler, amp, batch, one, zero
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+def test_nonfinite_gradient_with_finite_loss_never_reaches_weights_optimizer_or_ema(monkeypatch, precision):
+    args, sit, module, params, opt, scaler, amp, batch, one, zero = _tiny_step_setup(precision)
+    train_step(module, opt, scaler, params, batch, args, one, zero, amp)  # one good step: optimizer state exists
+    ema = [p.detach().clone() for p in sit.parameters()]
+    ema_model = build_sit(None, depth=2, hidden_size=64, num_heads=2, patch_size=4, input_size=16, in_channels=1,
+                          num_classes=4)
+    ema_model.load_state_dict(sit.state_dict())
+    weights = [p.detach().clone() for p in params]
+    state = {k: {n: v.clone() for n, v in s.items()} for k, s in opt.state.items()}
+    _poison_grads_from(monkeypatch, 1)
+    terms, flags = train_step(module, opt, scaler, params, batch, args, one, zero, amp)
+    assert torch.isfinite(terms["loss"]) and not torch.isfinite(terms["grad_norm"])
+    assert flags.tolist() == [False, False, True]
+    assert all(torch.equal(a, b) for a, b in zip(weights, params))
+    for k, s in opt.state.items():  # moments and the step counter stay as they were
+        assert all(torch.equal(state[k][n], v) for n, v in s.items()), k
+    guard = NonFiniteGuard(torch.device("cpu"), fp16=precision == "fp16", max_consecutive=100)
+    update_ema(ema_model, sit, 0.5, guard.record(2, flags))
+    assert all(torch.equal(a, b) for a, b in zip(ema, ema_model.parameters()))
+
+
+def test_train_step_never_syncs_with_the_host(monkeypatch):
+    """Reading a tensor on the host (item, bool, tolist, float) stalls a GPU stream: train_step must not."""
+    for precision in ("no", "fp16"):
+        args, sit, module, params, opt, scaler, amp, batch, one, zero = _tiny_step_setup(precision)
+        train_step(module, opt, scaler, params, batch, args, one, zero, amp)
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+                m.setattr(torch.Tensor, name, lambda *a, _n=name: (_ for _ in ()).throw(AssertionError(f"host sync: {_n}")))
+            terms, flags = train_step(module, opt, scaler, params, batch, args, one, zero, amp)
+        assert torch.isfinite(terms["loss"]) and not flags.any()
+
+
+def test_nonfinite_gradients_stop_the_run_before_any_checkpoint_or_ema(tmp_path, monkeypatch):
+    data = make_easy_dataset(str(tmp_path / "data"))
+    res = tmp_path / "res"
+    _poison_grads_from(monkeypatch, 3)
+    with pytest.raises(TrainError, match=r"gradient norm is non-finite with a finite loss at step 3 "
+                                         r"\(--mixed-precision no\).*lower --lr"):
+        train.main(_args(data, res, "--max-steps", "6", "--ckpt-every", "2", "--log-every", "5"))
+    assert _ckpts(res) == ["0000002.pt"]  # the step-4 checkpoint would hold NaN weights
+    ckpt = load_checkpoint(str(res / "run" / "checkpoints" / "0000002.pt"))
+    assert all(torch.isfinite(v).all() for k in ("model", "ema") for v in ckpt[k].values())
+
+
+def test_fp16_skips_overflowing_steps_and_stops_after_a_streak(tmp_path, monkeypatch):
+    data = make_easy_dataset(str(tmp_path / "data"))
+    res = tmp_path / "res"
+    _poison_grads_from(monkeypatch, 3, 4)  # two bad steps: skipped, the run goes on
+    train.main(_args(data, res, "--max-steps", "6", "--ckpt-every", "6", "--mixed-precision", "fp16"))
+    ckpt = load_checkpoint(str(res / "run" / "checkpoints" / "0000006.pt"))
+    assert ckpt["opt"]["state"][0]["step"].item() == 4  # 6 steps, 2 skipped
+    assert all(torch.isfinite(v).all() for k in ("model", "ema") for v in ckpt[k].values())
+    with open(res / "run" / "metrics.jsonl") as f:
+        assert [json.loads(line)["skipped_steps"] for line in f] == [0, 0, 1, 2, 2, 2]
+
+    _poison_grads_from(monkeypatch, 1)
+    with pytest.raises(TrainError, match=r"3 fp16 steps in a row were non-finite, from step 7"):
+        train.main(_args(data, res, "--max-steps", "12", "--ckpt-every", "6", "--mixed-precision", "fp16",
+                         "--max-skipped-steps", "3"))
+    assert _ckpts(res) == ["0000006.pt"]
+
+
+def test_nonfinite_input_is_reported_as_bad_data(tmp_path):
+    mean = np.random.default_rng(0).standard_normal((64, 1, 16, 16)).astype(np.float16)
+    mean[40] = np.inf
+    bad = str(tmp_path / "inf")
+    write_dataset(bad, mean, None, np.zeros(64, np.int64), num_classes=4)
+    proc = run_train(["--data-dir", bad, "--results-dir", str(tmp_path / "res"), *TINY_MODEL,
+                      "--global-batch-size", "16", "--max-steps", "8", "--ckpt-every", "1"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    msg = [line for line in proc.stderr.splitlines() if line.startswith("error:")][0]
+    assert "holds non-finite latents: bad data in" in msg and "lower --lr" not in msg
+    ckpt_dir = tmp_path / "res" / "custom-d2-w64-h2-p4-none" / "checkpoints"
+    step = int(msg.split("of step ")[1].split()[0])  # the checkpoints stop right before the bad step
+    assert sorted(os.listdir(ckpt_dir)) == [f"{s:07d}.pt" for s in range(1, step)]
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_refuses_seed_accumulation_and_other_data(tmp_path):
+    data = make_easy_dataset(str(tmp_path / "data"))
+    res = tmp_path / "res"
+    train.main(_args(data, res, "--max-steps", "2", "--ckpt-every", "2"))
+    with pytest.raises(train.CheckpointError, match="trained with --seed 0 \\(now 1\\)"):
+        train.main(_args(data, res, "--max-steps", "4", "--seed", "1"))
+    with pytest.raises(train.CheckpointError, match="trained with --grad-accum-steps 1 \\(now 2\\)"):
+        train.main(_args(data, res, "--max-steps", "4", "--grad-accum-steps", "2"))
+    other = make_easy_dataset(str(tmp_path / "other"), n=72)  # same shape and classes, other items
+    with pytest.raises(train.CheckpointError, match="trained on other data than .*other \\(count 64 vs 72\\)"):
+        train.main(_args(other, res, "--max-steps", "4"))
+
+
+def test_resume_switches_to_fp16_and_keeps_the_fused_optimizer(tmp_path):
+    data = make_easy_dataset(str(tmp_path / "data"))
+    res = tmp_path / "res"
+    train.main(_args(data, res, "--max-steps", "2", "--ckpt-every", "2"))
+    path = res / "run" / "checkpoints" / "0000002.pt"
+    ckpt = torch.load(path, weights_only=False)
+    for group in ckpt["opt"]["param_groups"]:  # as written by a run on a device without fused AdamW
+        group.update(fused=None, foreach=True)
+    torch.save(ckpt, path)
+    train.main(_args(data, res, "--max-steps", "4", "--ckpt-every", "2", "--mixed-precision", "fp16"))
+    after = load_checkpoint(str(res / "run" / "checkpoints" / "0000004.pt"))
+    assert after["scaler"]["scale"] > 0 and after["opt"]["param_groups"][0]["fused"] is True
+    assert not after["opt"]["param_groups"][0]["foreach"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_unreadable_newest_checkpoint_falls_back_and_stale_temp_files_go(tmp_path, damage, capsys):
+    data = make_easy_dataset(str(tmp_path / "data"))
+    res = tmp_path / "res"
+    train.main(_args(data, res, "--max-steps", "4", "--ckpt-every", "2"))
+    ckpt_dir = res / "run" / "checkpoints"
+    bad = ckpt_dir / "0000004.pt"
+    content = bad.read_bytes()
+    bad.write_bytes({"garbage": b"not a checkpoint" * 100, "truncated": content[: len(content) // 2],
+                     "empty": b""}[damage])
+    damaged = bad.read_bytes()
+    stale = ckpt_dir / "0000006.pt.tmp-999999"
+    stale.write_bytes(b"x" * 1000)
+    train.main(_args(data, res, "--max-steps", "5", "--ckpt-every", "5"))
+    out = capsys.readouterr().out
+    assert f"skipping unreadable checkpoint {bad}" in out and "resumed from" in out and "0000002.pt at step 2" in out
+    assert bad.read_bytes() == damaged  # left in place for inspection
+    assert not stale.exists()
+    assert _metric_steps(res) == [1, 2, 3, 4, 5]  # the steps past the checkpoint were logged once
+
+
+def test_metrics_with_a_partial_line_and_a_failing_plot_do_not_stop_training(tmp_path, monkeypatch):
+    data = make_easy_dataset(str(tmp_path / "data"))
+    res = tmp_path / "res"
+    train.main(_args(data, res, "--max-steps", "4", "--ckpt-every", "2"))
+    with open(res / "run" / "metrics.jsonl", "a") as f:  # a crash after step 5 was logged, mid-way through step 6
+        f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + '{"step": 6, "lo')
+    train.main(_args(data, res, "--max-steps", "6", "--ckpt-every", "6"))  # plots with the partial line present
+    assert _metric_steps(res) == [1, 2, 3, 4, 5, 6]
+    assert (res / "run" / "loss_curve.png").stat().st_size > 1000
+
+    def broken_plot(run_dir):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(train, "plot_loss_curve", broken_plot)
+    train.main(_args(data, res, "--max-steps", "8", "--ckpt-every", "2"))
+    assert _ckpts(res)[-1] == "0000008.pt"
+
+
+# ----------------------------------------------------------------------------- one writer per run
+def test_second_writer_is_refused_and_a_dead_holder_does_not_block(tmp_path):
+    data = make_easy_dataset(str(tmp_path / "data"))
+    res = tmp_path / "res"
+    (res / "run").mkdir(parents=True)
+    holder = RunLock(str(res / "run"))
+    holder.acquire()
+    try:
+        with pytest.raises(train.CheckpointError, match=f"is in use by another training run \\(pid {os.getpid()} on"):
+            train.main(_args(data, res, "--max-steps", "2"))
+    finally:
+        holder.release()
+    assert not (res / "run" / "config.json").exists()  # the refused run wrote nothing
+
+    # A holder killed with SIGKILL leaves the file behind, but not the lock.
+    code = f"import sys, time; sys.path.insert(0, {ROOT!r}); from checkpoint import RunLock; " \
+           f"RunLock({str(res / 'run')!r}).acquire(); print('locked', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    train.main(_args(data, res, "--max-steps", "2", "--ckpt-every", "2"))
+    assert _ckpts(res) == ["0000002.pt"]
+
+
+def test_default_exp_name_includes_the_size():
+    base = ["--data-dir", "d"]
+    assert get_args(base + ["--model", "SiT-B/2", "--reg", "repulsor"]).exp_name == "SiT-B_2-repulsor"
+    assert get_args(base + TINY_MODEL).exp_name == "custom-d2-w64-h2-p4-none"
+    assert get_args(base + ["--model", "SiT-S/2", "--depth", "6", "--qk-norm"]).exp_name == "SiT-S_2-d6-qknorm-none"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--global-batch-size", "0"], "--global-batch-size 0 must be at least 1"),
+    (["--ckpt-every", "0"], "--ckpt-every 0 must be at least 1"),
+    (["--log-every", "0"], "--log-every 0 must be at least 1"),
+    (["--cfg-prob", "2"], "--cfg-prob 2.0 must be in [0, 1)"),
+    (["--ema-decay", "1.5"], "--ema-decay 1.5 must be in [0, 1]"),
+    (["--temperature", "0"], "--temperature 0.0 must be > 0"),
+    (["--grad-accum-steps", "0"], "--grad-accum-steps 0 must be at least 1"),
+    (["--lr", "-1"], "--lr -1.0 must be > 0"),
+])
+def test_bad_flag_values_are_one_line_errors(flags, message):
+    with pytest.raises(TrainError) as e:
+        get_args(["--data-dir", "d", *flags])
+    assert str(e.value) == message
+
+
+def test_bad_flag_value_from_the_command_line(tmp_path):
+    proc = run_train(["--data-dir", "d", "--results-dir", str(tmp_path), "--ckpt-every", "0"], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --ckpt-every 0 must be at least 1"
+
+
+def test_unwritable_results_dir_is_a_one_line_error(tmp_path):
+    data = make_easy_dataset(str(tmp_path / "data"))
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(TrainError, match="cannot write to .*file/run/checkpoints.*pass a writable --results-dir"):
+        train.main(_args(data, tmp_path / "file"))
+
+
+# ----------------------------------------------------------------------------- several ranks
+def test_two_ranks_resume_from_rank_0s_choice(tmp_path):
+    """Rank 1 sees an older checkpoint list (a node-local disk, a cached NFS listing): both ranks must still
+    resume from rank 0's choice, and the run continue bit-exactly."""
+    data = make_easy_dataset(str(tmp_path / "data"))
+    common = ["--data-dir", data, "--results-dir", str(tmp_path), *TINY_MODEL, "--global-batch-size", "8",
+              "--lr", "1e-3", "--ckpt-every", "2", "--log-every", "2", "--reg", "repulsor", "--bank-size", "16",
+              "--proj-hidden", "32"]
+    run_train(common + ["--exp-name", "straight", "--max-steps", "6"], nproc=2)
+    run_train(common + ["--exp-name", "split", "--max-steps", "4"], nproc=2)
+    worker = os.path.join(ROOT, "tests", "train_stale_listing_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
+                           "--num-workers", "0", "--device", "cpu", *common, "--exp-name", "split", "--max-steps", "6"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "0000004.pt at step 4" in proc.stdout
+    a = load_checkpoint(str(tmp_path / "straight" / "checkpoints" / "0000006.pt"))
+    b = load_checkpoint(str(tmp_path / "split" / "checkpoints" / "0000006.pt"))
+    for key in ("model", "ema", "regulariser"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    assert torch.equal(a["reg_extra"]["bank"]["queue"], b["reg_extra"]["bank"]["queue"])
+
+
+# ----------------------------------------------------------------------------- a fresh clone
+def test_no_tracked_file_is_a_symlink_or_points_outside():
+    listed = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    links = [line.split("\t", 1)[1] for line in listed.stdout.splitlines() if line.startswith("120000")]
+    assert links == [], f"tracked symlinks break fresh clones: {links}"
+    for path in listed.stdout.splitlines():
+        name = path.split("\t", 1)[1]
+        assert os.path.realpath(os.path.join(ROOT, name)).startswith(os.path.realpath(ROOT) + os.sep), name
