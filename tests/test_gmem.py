@@ -6,17 +6,23 @@ import json
 import math
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 import gmem
-from checkpoint import model_from_checkpoint
-from dataset import LatentDataset, read_manifest, write_dataset
+from checkpoint import model_from_checkpoint, save_checkpoint
+from dataset import DataError, LatentDataset, read_manifest, write_dataset
 from gmem import MemoryBankError
+from loss import Repulsor
 from models.sit import SiT, SiTConfig, build_sit, load_sit_state_dict
+from preprocessing import encode
+from preprocessing import memory as memory_script
 
 from conftest import make_easy_dataset
 
@@ -276,3 +282,225 @@ def test_bad_conditions_get_one_line_errors():
     # A class checkpoint does not load into a memory model: the missing key is named.
     with pytest.raises(ValueError, match="y_embedder"):
         load_sit_state_dict(mem, tiny_sit(hidden_size=32).state_dict())
+
+
+# ----------------------------------------------------------------------------- preprocessing/memory.py
+
+SCRIPT = os.path.join(ROOT, "preprocessing", "memory.py")
+TINY_DINO = json.dumps({"embed_dim": 32, "depth": 1, "num_heads": 2})
+
+
+def one_thread(fn, *args):
+    """Bitwise comparisons with 1-thread subprocess ranks need one thread here too."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(old)
+
+
+def build_memory(argv: list[str]) -> int:
+    return one_thread(memory_script.main, argv)
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory) -> str:
+    """Pixel dataset (encode.py, --vae none) of 2 classes x 3 images with flips and one unreadable
+    file, so item order has both a mirror after every image and a gap."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, cls in enumerate(("ant", "bee")):
+        os.makedirs(root / cls)
+        for k, (w, h) in enumerate(((20, 24), (40, 32), (17, 17))):
+            arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"img{k}.png")
+    (root / "ant" / "img1b.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")  # skipped by encode.py
+    out = str(tmp_path_factory.mktemp("pixels") / "data")
+    assert encode.main(["--data-path", str(root), "--vae", "none", "--resolution", "16", "--flip",
+                        "--shard-size", "3", "--workers", "0", "--out", out]) == 0
+    return out
+
+
+def dino_argv(data_dir: str, *extra: str) -> list[str]:
+    return ["--data-dir", data_dir, "--encoder", "dinov2", "--dinov2-weights", "random", "--dinov2-config",
+            TINY_DINO, "--image-size", "28", "--batch-size", "3", "--chunk-size", "5", "--workers", "0", *extra]
+
+
+def position_sensitive_dino(path: str) -> str:
+    """Tiny DINOv2 weights whose position embedding dominates, so a mirror changes the class token."""
+    import timm
+    torch.manual_seed(5)
+    model = timm.create_model(memory_script.DINOV2_ARCH, pretrained=False, img_size=28, num_classes=0,
+                              **json.loads(TINY_DINO))
+    for name, p in model.named_parameters():
+        if name.endswith("gamma"):  # DINOv2's layer scale starts at 1e-5: blocks would do nothing
+            p.data.fill_(1.0)
+    model.pos_embed.data.normal_(0, 1.0)
+    model.cls_token.data.normal_(0, 1.0)
+    model.blocks[0].attn.qkv.weight.data.mul_(10)  # sharp, position-dependent attention of the class token
+    model.blocks[0].attn.proj.weight.data.mul_(10)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_dinov2_rows_follow_the_dataset_items_flips_included(image_data, tmp_path):
+    manifest = read_manifest(image_data)
+    assert manifest["count"] == 12 and manifest["num_skipped"] == 1
+    weights = position_sensitive_dino(str(tmp_path / "dino.pth"))
+    argv = dino_argv(image_data, "--dinov2-weights", weights, "--name", "dino")
+    assert build_memory(argv + ["--workers", "1"]) == 0
+    mem = gmem.open_dataset_memory(image_data, "dino")
+    assert mem.meta["encoder"] == "dinov2" and mem.meta["settings"]["image_size"] == 28
+    assert mem.meta["encoder_id"] == weights and mem.meta["chunk_size"] == 6  # keeps images with their mirrors
+    # Reference from the dataset's own pixels (item i, fp16 in [-1, 1] -> exact uint8), not the sources.
+    pixels = torch.stack([LatentDataset(image_data)[i][0] for i in range(12)]).float()
+    images = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert torch.equal(images[1], images[0].flip(1))  # item 1 is item 0 mirrored
+    model = memory_script.load_dinov2(weights, 28, json.loads(TINY_DINO))
+    x = ((images.permute(0, 3, 1, 2).float() / 255 - torch.tensor(memory_script.IMAGENET_MEAN).view(1, 3, 1, 1))
+         / torch.tensor(memory_script.IMAGENET_STD).view(1, 3, 1, 1))
+    x = torch.nn.functional.interpolate(x, size=(28, 28), mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(model.forward_features(x)[:, 0], dim=1)
+    got = mem[np.arange(12)]
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+    assert (got[0::2] - got[1::2]).abs().amax(1).min() > 0.02  # a swapped mirror would fail the line above
+    apart = (got[None] - got[:, None]).abs().amax(2) + torch.eye(12)
+    assert apart.min() > 0.02  # so would any other swap of rows
+    # A rerun is a no-op; other settings under the same name are refused.
+    assert build_memory(argv) == 0
+    assert build_memory(argv + ["--image-size", "42"]) == 2
+
+
+def test_dinov2_local_weights_file_with_resampled_positions(tmp_path):
+    torch.manual_seed(3)
+    import timm
+    src = timm.create_model(memory_script.DINOV2_ARCH, pretrained=False, img_size=42, num_classes=0,
+                            **json.loads(TINY_DINO))
+    path = str(tmp_path / "dino.pth")
+    torch.save(src.state_dict(), path)
+    model = memory_script.load_dinov2(path, 28, json.loads(TINY_DINO))
+    assert model.pos_embed.shape == (1, 1 + 4, 32) and src.pos_embed.shape == (1, 1 + 9, 32)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    assert torch.equal(model.pos_embed[:, 0], src.pos_embed[:, 0])  # class position kept, grid resampled
+    with pytest.raises(DataError, match="does not exist") as e:
+        memory_script.load_dinov2(str(tmp_path / "missing.pth"), 28)
+    one_line(e)
+    bad = str(tmp_path / "bad.pth")
+    torch.save({"not": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="cannot load DINOv2 weights") as e:
+        memory_script.load_dinov2(bad, 28, json.loads(TINY_DINO))
+    one_line(e)
+
+
+def sit_checkpoint(path: str, reg: str = "repulsor", **args) -> tuple[SiT, Repulsor | None]:
+    """A train.py-format checkpoint of a tiny SiT on 1 x 8 x 8 data (weights off adaLN-Zero)."""
+    model = tiny_sit(num_classes=4)
+    head = None
+    state = {}
+    if reg == "repulsor":
+        head = Repulsor(32, 1, proj_dim=8, proj_hidden=16, bank_size=0, global_batch=2)
+        for p in head.parameters():
+            p.data.add_(0.05 * torch.randn_like(p))
+        state = head.state_dict()
+    save_checkpoint(path, {"ema": model.state_dict(), "model": model.state_dict(), "regulariser": state,
+                           "model_config": model.config.to_dict(), "step": 7,
+                           "args": {"reg": reg, "reg_depth": None, "model": "custom", "depth": 2,
+                                    "path_type": "linear", **args}})
+    return model, head
+
+
+@pytest.fixture
+def latent_data(tmp_path) -> str:
+    rng = np.random.default_rng(1)
+    mean = rng.standard_normal((10, 1, 8, 8)).astype(np.float16)
+    write_dataset(str(tmp_path / "latents"), mean, np.full_like(mean, 0.3), rng.integers(0, 4, 10), num_classes=4,
+                  shard_size=4, latent_scale=2.0, latent_shift=0.1, source="synthetic latents")
+    return str(tmp_path / "latents")
+
+
+def sit_argv(data_dir: str, ckpt: str, *extra: str) -> list[str]:
+    return ["--data-dir", data_dir, "--encoder", f"sit:{ckpt}", "--batch-size", "4", "--chunk-size", "3",
+            "--workers", "0", *extra]
+
+
+def test_sit_snippets_are_the_repulsor_projection_of_the_clean_latent(latent_data, tmp_path):
+    ckpt = str(tmp_path / "run" / "checkpoints" / "0000007.pt")
+    model, head = sit_checkpoint(ckpt)
+    assert build_memory(sit_argv(latent_data, ckpt)) == 0
+    mem = gmem.open_dataset_memory(latent_data, "sit-run-0000007")
+    assert mem.dim == 8 and mem.meta["settings"]["depth"] == 1 and mem.meta["settings"]["head"] == "repulsor"
+    base = LatentDataset(latent_data)
+    x = (torch.stack([base[i][0] for i in range(10)]).float() - 0.1) * 2.0  # posterior mean, scaled
+    with torch.no_grad():
+        _, hidden = model.eval()(x, torch.zeros(10), torch.full((10,), 4), return_hidden_at=1)  # null class
+        want = torch.nn.functional.normalize(head.head(hidden.mean(1)), dim=1)
+    torch.testing.assert_close(mem[np.arange(10)], want, atol=2e-3, rtol=0)
+    # Without a Repulsor head: the pooled hidden state, hidden-size wide.
+    plain = str(tmp_path / "plain.pt")
+    model, _ = sit_checkpoint(plain, reg="none")
+    assert build_memory(sit_argv(latent_data, plain, "--name", "plain")) == 0
+    mem = gmem.open_dataset_memory(latent_data, "plain")
+    with torch.no_grad():
+        _, hidden = model.eval()(x, torch.zeros(10), torch.full((10,), 4), return_hidden_at=1)
+    assert mem.dim == 32 and mem.meta["settings"]["head"] is None
+    torch.testing.assert_close(mem[np.arange(10)], torch.nn.functional.normalize(hidden.mean(1), dim=1),
+                               atol=2e-3, rtol=0)
+
+
+def test_sit_build_resumes_after_a_crash_to_the_same_bank(latent_data, tmp_path):
+    ckpt = str(tmp_path / "c.pt")
+    sit_checkpoint(ckpt)
+    assert build_memory(sit_argv(latent_data, ckpt, "--name", "ref", "--sit-t", "0.2")) == 0
+    ref = np.load(os.path.join(gmem.memory_dir(latent_data, "ref"), gmem.SNIPPETS))
+    argv = sit_argv(latent_data, ckpt, "--name", "crash", "--sit-t", "0.2")
+    assert build_memory(argv + ["--stop-after-chunks", "2"]) == memory_script.STOP_EXIT_CODE
+    path = gmem.memory_dir(latent_data, "crash")
+    assert sorted(os.listdir(os.path.join(path, gmem.CHUNK_DIR))) == ["chunk-00000.npy", "chunk-00001.npy"]
+    with pytest.raises(MemoryBankError, match="is incomplete"):
+        gmem.open_memory(path)
+    assert build_memory(argv[:-2] + ["--sit-t", "0.3"]) == 2  # changed settings mid-build: refused
+    assert build_memory(argv) == 0
+    assert np.array_equal(np.load(os.path.join(path, gmem.SNIPPETS)), ref)
+    assert gmem.open_memory(path).fingerprint == gmem.open_memory(gmem.memory_dir(latent_data, "ref")).fingerprint
+
+
+def test_two_ranks_write_the_same_bank_as_one(latent_data, tmp_path):
+    ckpt = str(tmp_path / "c.pt")
+    sit_checkpoint(ckpt)
+    assert build_memory(sit_argv(latent_data, ckpt, "--name", "one", "--sit-t", "0.3")) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+           *sit_argv(latent_data, ckpt, "--name", "two", "--sit-t", "0.3", "--device", "cpu")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = np.load(os.path.join(gmem.memory_dir(latent_data, "one"), gmem.SNIPPETS))
+    two = np.load(os.path.join(gmem.memory_dir(latent_data, "two"), gmem.SNIPPETS))
+    assert np.array_equal(one, two)
+
+
+def test_builder_errors_are_one_line(latent_data, tmp_path, capsys):
+    ckpt = str(tmp_path / "c.pt")
+    sit_checkpoint(ckpt)
+    # As a script, from another working directory.
+    proc = subprocess.run([sys.executable, SCRIPT, *dino_argv(latent_data)], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=str(tmp_path), timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "not written by preprocessing/encode.py" in lines[0]
+
+    def cli(*argv: str) -> str:
+        capsys.readouterr()
+        assert build_memory(list(argv)) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    assert "does not exist" in cli("--data-dir", latent_data, "--encoder", f"sit:{tmp_path}/nope.pt")
+    other = make_easy_dataset(str(tmp_path / "other"), n=10, size=16)
+    assert "models 1x8x8 latents but the dataset holds 1x16x16" in cli(*sit_argv(other, ckpt))
+    os.makedirs(gmem.memory_dir(latent_data, "busy"))
+    open(os.path.join(gmem.memory_dir(latent_data, "busy"), "x"), "w").close()
+    assert "is not empty" in cli(*sit_argv(latent_data, ckpt, "--name", "busy"))
+    assert "outside 1..2" in cli(*sit_argv(latent_data, ckpt, "--sit-depth", "3"))
