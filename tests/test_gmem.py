@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader
 import gmem
 from checkpoint import model_from_checkpoint, save_checkpoint
 from dataset import DataError, LatentDataset, read_manifest, write_dataset
+from evaluations.errors import ImageDataError, MetricInputError
+from evaluations.memorisation import memorisation, memorisation_stats, nearest_neighbours
 from gmem import MemoryBankError
 from loss import Repulsor
 from models.sit import SiT, SiTConfig, build_sit, load_sit_state_dict
@@ -504,3 +506,69 @@ def test_builder_errors_are_one_line(latent_data, tmp_path, capsys):
     open(os.path.join(gmem.memory_dir(latent_data, "busy"), "x"), "w").close()
     assert "is not empty" in cli(*sit_argv(latent_data, ckpt, "--name", "busy"))
     assert "outside 1..2" in cli(*sit_argv(latent_data, ckpt, "--sit-depth", "3"))
+
+
+# ----------------------------------------------------------------------------- evaluations/memorisation.py
+
+def test_nearest_neighbours_match_brute_force_at_any_block_size():
+    rng = np.random.default_rng(0)
+    q, r = rng.standard_normal((50, 9)) * 10, rng.standard_normal((70, 9)) * 10
+    full = np.sqrt(((q[:, None] - r[None]) ** 2).sum(-1))
+    for qb, rb in ((7, 13), (1, 1), (1000, 1000)):
+        d, i = nearest_neighbours(q, r, query_block=qb, reference_block=rb)
+        assert np.array_equal(i, full.argmin(1))
+        np.testing.assert_allclose(d, full.min(1), rtol=1e-6)
+    with pytest.raises(MetricInputError, match="dimensions differ"):
+        nearest_neighbours(q, r[:, :5])
+    with pytest.raises(MetricInputError, match="NaN"):
+        nearest_neighbours(np.full((2, 9), np.nan), r)
+
+
+def test_copies_of_training_images_are_flagged():
+    rng = np.random.default_rng(1)
+    train, heldout = rng.standard_normal((400, 16)), rng.standard_normal((300, 16))
+    picked = rng.integers(0, 400, 100)
+    res = memorisation_stats(train[picked], train, heldout, query_block=32, reference_block=50)
+    assert res.close_share == 1.0 and res.median_ratio == 0.0
+    assert np.array_equal(res.gen_index, picked) and res.threshold > 0
+    assert res.metrics() == {"nn_median_ratio": 0.0, "nn_close_share": 1.0}
+    # Half the samples slightly perturbed copies, half new: the share sees the copies.
+    mixed = np.concatenate([train[picked[:50]] + 1e-3, rng.standard_normal((50, 16))])
+    res = memorisation_stats(mixed, train, heldout)
+    assert 0.5 <= res.close_share <= 0.55
+    with pytest.raises(MetricInputError, match="held-out images are exact copies"):
+        memorisation_stats(heldout, train, train[:10])
+
+
+def test_independent_samples_look_like_held_out_data():
+    rng = np.random.default_rng(2)
+    train, heldout, gen = (rng.standard_normal((n, 8)) for n in (3000, 2000, 2000))
+    res = memorisation_stats(gen, train, heldout, reference_block=1000)
+    assert abs(res.median_ratio - 1) < 0.05, res.median_ratio
+    assert abs(res.close_share - 0.01) < 0.01, res.close_share
+    assert abs(res.threshold - np.quantile(res.heldout_distance, 0.01)) < 1e-12
+
+
+class PixelExtractor:
+    """Stand-in for Inception: 4 x 4 average-pooled pixels as 48-d 'pool' features."""
+
+    device = torch.device("cpu")
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 4)
+        return {"pool": x.flatten(1)}
+
+
+def test_memorisation_from_images_saves_the_closest_pairs(tmp_path):
+    rng = np.random.default_rng(3)
+    train = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    heldout = rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8)
+    gen = np.concatenate([train[[5, 9, 11]], rng.integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)])
+    png = str(tmp_path / "pairs.png")
+    res = memorisation(gen, train, heldout, PixelExtractor(), batch_size=8, png_path=png, k=6)
+    assert sorted(res.closest(3)) == [0, 1, 2] and list(res.gen_index[:3]) == [5, 9, 11]
+    assert res.close_share == 0.25
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 300
+    with pytest.raises(ImageDataError, match="needs the generated and training images as arrays"):
+        memorisation(gen, str(tmp_path), heldout, PixelExtractor(), png_path=png)
