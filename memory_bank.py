@@ -45,7 +45,11 @@ class MemoryBank:
         if batch.shape != (self.global_batch, self.dim):
             raise ValueError(f"enqueue got {tuple(batch.shape)} projections, the bank expects "
                              f"({self.global_batch}, {self.dim}) per step")
-        self.queue[self.ptr : self.ptr + self.global_batch] = batch.to(self.queue.dtype)
+        rows = self.queue[self.ptr : self.ptr + self.global_batch]
+        batch = batch.to(self.queue.dtype)
+        # A non-finite projection (a bad batch: train.py skips that step) must not poison the bank for the
+        # next K / B steps: its row keeps the older entry. Decided on the device, without a host sync.
+        rows.copy_(torch.where(torch.isfinite(batch).all(dim=1, keepdim=True), batch, rows))
         self.ptr = (self.ptr + self.global_batch) % self.size
         self.filled = min(self.size, self.filled + self.global_batch)
 

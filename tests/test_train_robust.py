@@ -314,3 +314,18 @@ def test_no_tracked_file_is_a_symlink_or_points_outside():
     for path in listed.stdout.splitlines():
         name = path.split("\t", 1)[1]
         assert os.path.realpath(os.path.join(ROOT, name)).startswith(os.path.realpath(ROOT) + os.sep), name
+
+
+def test_nonfinite_projections_never_enter_the_memory_bank():
+    from memory_bank import MemoryBank
+
+    bank = MemoryBank(size=8, dim=3, global_batch=4)
+    first = torch.nn.functional.normalize(torch.randn(4, 3), dim=1)
+    bank.enqueue(first)
+    bank.enqueue(torch.ones(4, 3))
+    bad = torch.ones(4, 3)
+    bad[1, 2] = float("nan")
+    bad[3, 0] = float("inf")
+    bank.enqueue(bad)  # wraps onto the first batch's rows
+    assert torch.isfinite(bank.queue).all()
+    assert torch.equal(bank.queue[[1, 3]], first[[1, 3]]) and torch.equal(bank.queue[[0, 2]], torch.ones(2, 3))
