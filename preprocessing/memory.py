@@ -375,7 +375,8 @@ def default_name(args: argparse.Namespace) -> str:
     if args.encoder == "dinov2":
         return "dinov2"
     path = os.path.abspath(args.encoder.split(":", 1)[1])
-    run = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    parent = os.path.dirname(path)  # train.py writes RUN/checkpoints/STEP.pt: name it after RUN
+    run = os.path.basename(os.path.dirname(parent)) if os.path.basename(parent) == "checkpoints" else ""
     stem = os.path.splitext(os.path.basename(path))[0]
     return re.sub(r"[^A-Za-z0-9._-]+", "_", f"sit-{run}-{stem}" if run else f"sit-{stem}")
 

@@ -508,6 +508,15 @@ def test_builder_errors_are_one_line(latent_data, tmp_path, capsys):
     assert "outside 1..2" in cli(*sit_argv(latent_data, ckpt, "--sit-depth", "3"))
 
 
+def test_default_bank_names():
+    def name(encoder: str) -> str:
+        return memory_script.default_name(memory_script.parse_args(["--data-dir", "d", "--encoder", encoder]))
+
+    assert name("dinov2") == "dinov2"
+    assert name("sit:results/my run/checkpoints/0001600.pt") == "sit-my_run-0001600"
+    assert name("sit:/tmp/rep.pt") == "sit-rep"
+
+
 # ----------------------------------------------------------------------------- evaluations/memorisation.py
 
 def test_nearest_neighbours_match_brute_force_at_any_block_size():
