@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dataset import atomic_write_bytes, atomic_write_json, data_fingerprint, fingerprint_mismatch, read_manifest
+from dataset import (DataError, atomic_write_bytes, atomic_write_json, data_fingerprint, fingerprint_mismatch,
+                     read_manifest)
 
 MEMORY_VERSION = 1
 MEMORY_PREFIX = "memory-"
@@ -41,8 +42,10 @@ NORM_TOLERANCE = 1e-2    # fp16 storage keeps unit norms to about 1e-3
 _SNIPPET_SALT = 0x6D656D  # "mem": the snippet draw's stream differs from the image's noise stream
 
 
-class MemoryBankError(ValueError):
-    """Missing, mismatched or corrupt memory bank: the message names the problem and the fix."""
+class MemoryBankError(DataError):
+    """Missing, mismatched or corrupt memory bank: the message names the problem and the fix.
+    A DataError (the bank lives in the dataset directory), so every script already reports it
+    as a one-line `error: ...` with exit code 2."""
 
 
 # ----------------------------------------------------------------------------- vector maths

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from evaluations.errors import ImageDataError, MetricInputError
-from evaluations.images import ImageSource
+from evaluations.images import ImageSource, open_images
 from evaluations.inception import FeatureExtractor, compute_features
 
 HELDOUT_QUANTILE = 0.01  # "closer than the 1st percentile of held-out-to-train distances"
@@ -143,10 +143,31 @@ def _rgb(image: np.ndarray, name: str) -> np.ndarray:
     return img
 
 
+def gather_images(images: np.ndarray | Sequence[np.ndarray] | str | ImageSource, indices: Sequence[int],
+                  batch_size: int = 256) -> dict[int, np.ndarray]:
+    """{index: image} for a few indices: direct indexing for arrays and lists, otherwise one streamed
+    pass over the .npz / folder / ImageSource that stops once every wanted image was seen."""
+    wanted = {int(i) for i in indices}
+    if isinstance(images, (np.ndarray, list, tuple)):
+        return {i: np.asarray(images[i]) for i in wanted}
+    found: dict[int, np.ndarray] = {}
+    start = 0
+    for batch in open_images(images).iter_batches(batch_size):
+        for i in wanted.intersection(range(start, start + len(batch))):
+            found[i] = np.array(batch[i - start])
+        start += len(batch)
+        if len(found) == len(wanted):
+            break
+    if len(found) != len(wanted):
+        raise ImageDataError(f"image {min(wanted - set(found))} is out of range ({start} images): pass the images "
+                             "the features were computed from")
+    return found
+
+
 def save_closest_pairs(
     path: str,
-    generated_images: Sequence[np.ndarray] | np.ndarray,
-    train_images: Sequence[np.ndarray] | np.ndarray,
+    generated_images: np.ndarray | Sequence[np.ndarray] | str | ImageSource,
+    train_images: np.ndarray | Sequence[np.ndarray] | str | ImageSource,
     result: MemorisationResult,
     k: int = 16,
     pairs_per_row: int = 4,
@@ -154,7 +175,7 @@ def save_closest_pairs(
     """PNG of the k generated images closest to the training set, each as (generated | nearest training
     image) with its distance; the held-out 1st-percentile distance is in the title for scale.
 
-    The image sets only need integer indexing (arrays, memmaps, lists): only 2k images are read.
+    Only the 2k images shown are read (arrays are indexed, .npz files and folders streamed once).
     """
     import matplotlib
 
@@ -163,14 +184,16 @@ def save_closest_pairs(
     from PIL import Image
 
     order = result.closest(k)
+    gen_images = gather_images(generated_images, order)
+    nearest = gather_images(train_images, result.gen_index[order])
     rows = math.ceil(len(order) / pairs_per_row)
     cols = min(pairs_per_row, len(order))
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 1.5 * rows + 0.6), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, i in zip(axes.ravel(), order):
-        gen = _rgb(generated_images[int(i)], f"generated image {i}")
-        train = _rgb(train_images[int(result.gen_index[i])], f"training image {result.gen_index[i]}")
+        gen = _rgb(gen_images[int(i)], f"generated image {i}")
+        train = _rgb(nearest[int(result.gen_index[i])], f"training image {result.gen_index[i]}")
         if train.shape != gen.shape:
             train = np.asarray(Image.fromarray(train).resize(gen.shape[1::-1], Image.NEAREST))
         gap = np.full((gen.shape[0], max(1, gen.shape[1] // 16), 3), 255, np.uint8)
@@ -197,13 +220,9 @@ def memorisation(
     **stats_kw: Any,
 ) -> MemorisationResult:
     """memorisation_stats on Inception pool features computed from images (uint8 N x H x W x 3 arrays,
-    .npz paths, folders or ImageSources); with png_path, also the closest-pairs PNG (needs the
-    generated and training images as indexable arrays). Training features of a large set should be
-    computed once and cached (reference_statistics(train, extractor)["pool"]) and passed to
-    memorisation_stats directly."""
-    if png_path is not None and not all(isinstance(x, np.ndarray) for x in (generated, train)):
-        raise ImageDataError("the closest-pairs PNG needs the generated and training images as arrays; load them "
-                             "(np.load(path)['arr_0']) or drop png_path")
+    .npz paths, folders or ImageSources); with png_path, also the closest-pairs PNG. Training
+    features of a large set should be computed once and cached (reference_statistics(train,
+    extractor)["pool"]) and passed to memorisation_stats directly."""
     feats = [compute_features(x, extractor, batch_size=batch_size, progress=progress)["pool"]
              for x in (generated, train, heldout)]
     stats_kw.setdefault("device", getattr(extractor, "device", "cpu"))

@@ -43,7 +43,7 @@ import json
 import math
 import re
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -520,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args, argv)
-    except (DataError, CheckpointError, MemoryBankError) as e:
+    except (DataError, CheckpointError) as e:  # MemoryBankError is a DataError
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except StopAfterChunks as e:

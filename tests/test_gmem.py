@@ -19,7 +19,8 @@ import gmem
 from checkpoint import model_from_checkpoint, save_checkpoint
 from dataset import DataError, LatentDataset, read_manifest, write_dataset
 from evaluations.errors import ImageDataError, MetricInputError
-from evaluations.memorisation import memorisation, memorisation_stats, nearest_neighbours
+from evaluations.memorisation import (gather_images, memorisation, memorisation_stats, nearest_neighbours,
+                                      save_closest_pairs)
 from gmem import MemoryBankError
 from loss import Repulsor
 from models.sit import SiT, SiTConfig, build_sit, load_sit_state_dict
@@ -134,6 +135,7 @@ def test_bad_banks_get_one_line_errors(data, tmp_path):
     one_line(e)
     with pytest.raises(MemoryBankError, match="20 snippets for a dataset of 10 items"):
         gmem.write_memory(path, np.ones((20, 3)), manifest, encoder="test")
+    assert issubclass(MemoryBankError, DataError)  # scripts print it as `error: ...`, exit 2
 
 
 def test_find_memory_picks_the_only_bank_or_asks(data):
@@ -579,5 +581,11 @@ def test_memorisation_from_images_saves_the_closest_pairs(tmp_path):
     assert res.close_share == 0.25
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size[0] > 300
-    with pytest.raises(ImageDataError, match="needs the generated and training images as arrays"):
-        memorisation(gen, str(tmp_path), heldout, PixelExtractor(), png_path=png)
+    # Streamed sources (.npz) give the same pairs as arrays.
+    np.savez(tmp_path / "train.npz", train)
+    np.savez(tmp_path / "gen.npz", gen)
+    picked = gather_images(str(tmp_path / "train.npz"), [39, 5, 0], batch_size=7)
+    assert all(np.array_equal(picked[i], train[i]) for i in (39, 5, 0))
+    save_closest_pairs(str(tmp_path / "streamed.png"), str(tmp_path / "gen.npz"), str(tmp_path / "train.npz"), res, k=6)
+    with pytest.raises(ImageDataError, match="image 40 is out of range"):
+        gather_images(str(tmp_path / "train.npz"), [40])
