@@ -31,6 +31,7 @@ from checkpoint import (CheckpointError, RunLock, checkpoints_newest_first, load
 from dataset import (DataError, DistributedEpochSampler, LatentDataset, atomic_write_json, data_fingerprint,
                      fingerprint_mismatch, latent_scale_shift, sample_latents)
 from distributed import barrier, cleanup, init_distributed, is_dist
+from gmem import MemoryBankError, MemoryDataset, SnippetMemory, open_dataset_memory
 from loss import (PATH_TYPES, REGULARISERS, TIME_SAMPLINGS, Dispersive, Regulariser, build_regulariser, interpolate,
                   sample_time, velocity_loss)
 from memory_bank import BANK_DTYPES
@@ -44,7 +45,7 @@ class TrainError(RuntimeError):
 # Flags that define the objective or the data order (--seed and --grad-accum-steps decide the order and
 # the Repulsor's in-batch negatives): --resume refuses to change them (the regulariser's
 # only when one is used). A value a checkpoint did not record (None) is not checked.
-RESUME_MUST_MATCH = ("global_batch_size", "grad_accum_steps", "seed", "path_type", "time_sampling", "reg")
+RESUME_MUST_MATCH = ("global_batch_size", "grad_accum_steps", "seed", "path_type", "time_sampling", "reg", "cond")
 RESUME_MUST_MATCH_REG = ("reg_weight", "reg_depth", "reg_t_max", "temperature", "proj_dim", "proj_hidden", "bank_size",
                          "bank_dtype", "reg_pool", "disp_variant", "disp_margin")
 
@@ -69,7 +70,14 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--patch-size", type=int, default=None)
     g.add_argument("--qk-norm", action="store_true", help="LayerNorm on queries and keys")
     g.add_argument("--num-classes", type=int, default=None, help="default: from the data manifest")
-    g.add_argument("--cfg-prob", type=float, default=0.1, help="label dropout probability (classifier-free guidance)")
+    g.add_argument("--cond", type=str, default="class", choices=["class", "memory"],
+                   help="condition on the class label, or (GMem) on the item's own memory snippet from a bank "
+                        "built by preprocessing/memory.py")
+    g.add_argument("--memory", type=str, default=None,
+                   help="--cond memory: name of the dataset's memory bank (default: its only one)")
+    g.add_argument("--cfg-prob", type=float, default=0.1,
+                   help="probability of replacing the condition (label or whole snippet) by the learned null "
+                        "(classifier-free guidance)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--global-batch-size", type=int, default=256)
     g.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
@@ -118,6 +126,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)  # unknown flags are an error
     if args.reg_weight is None:
         args.reg_weight = {"none": 0.0, "repulsor": 0.1}.get(args.reg, 0.5)
+    if args.memory is not None and args.cond != "memory":
+        p.error("--memory needs --cond memory")
     if args.model == "custom":
         missing = [f for f in ("depth", "hidden_size", "num_heads", "patch_size") if getattr(args, f) is None]
         if missing:
@@ -158,6 +168,8 @@ def default_exp_name(args: argparse.Namespace) -> str:
             parts.append(f"{tag}{getattr(args, flag)}")
     if args.qk_norm:
         parts.append("qknorm")
+    if args.cond == "memory":
+        parts.append("memory" + (f"-{args.memory}" if args.memory else ""))
     return "-".join(parts + [args.reg])
 
 
@@ -236,7 +248,10 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.G
     scaler.unscale_(opt)  # fp16: true gradients (and the scaler's own overflow record); a no-op otherwise
     grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0
                  else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-    nonfinite = torch.stack([~(torch.isfinite(mean).all() & torch.isfinite(std).all()),
+    finite_input = torch.isfinite(mean).all() & torch.isfinite(std).all()
+    if labels.is_floating_point():  # memory snippets
+        finite_input = finite_input & torch.isfinite(labels).all()
+    nonfinite = torch.stack([~finite_input,
                              ~torch.isfinite(terms_sum["loss"]), ~torch.isfinite(grad_norm)]).float()
     if is_dist():  # a bad step on one rank is skipped on all of them
         dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
@@ -336,10 +351,10 @@ def on_main_then_share(info, fn):
         try:
             result = fn()
         except (TrainError, DataError, CheckpointError) as e:
-            error = (type(e).__name__, str(e))
-    result, error = broadcast_from_main((result, error))
+            error = e
+    result, error = broadcast_from_main((result, error))  # exceptions pickle: the same one on every rank
     if error is not None:
-        raise {"TrainError": TrainError, "DataError": DataError, "CheckpointError": CheckpointError}[error[0]](error[1])
+        raise error
     return result
 
 
@@ -457,7 +472,7 @@ def choose_checkpoint(args: argparse.Namespace, ckpt_dir: str, info, log) -> tup
 
 
 def restore_training_state(ckpt: dict, path: str, args: argparse.Namespace, manifest: dict, parts: dict,
-                           world: int, rank: int, device: torch.device, log) -> int:
+                           world: int, rank: int, device: torch.device, log, memory: SnippetMemory | None) -> int:
     """Check that `ckpt` continues this run (model, objective, data) and load every piece of state
     into `parts` (sit, ema, reg, opt, scaler). Returns the step to continue from."""
     check_manifest_matches(ckpt["model_config"], manifest)
@@ -474,6 +489,11 @@ def restore_training_state(ckpt: dict, path: str, args: argparse.Namespace, mani
         if diff:
             raise CheckpointError(f"checkpoint {path} was trained on other data than {args.data_dir} ({diff}): "
                                   "resume with its --data-dir, or start a new run with another --exp-name")
+    trained_on = (ckpt.get("memory") or {}).get("fingerprint")
+    if memory is not None and trained_on is not None and trained_on != memory.fingerprint:
+        raise MemoryBankError(f"checkpoint {path} was trained with memory bank {ckpt['memory']['path']} "
+                              f"(fingerprint {trained_on}), this run opened {memory.path} ({memory.fingerprint}): "
+                              "resume with the bank it was trained with (--memory NAME)")
     load_sit_state_dict(parts["sit"], ckpt["model"], log=log)
     load_sit_state_dict(parts["ema"], ckpt["ema"], log=log)
     parts["reg"].load_state_dict(ckpt["regulariser"])
@@ -539,6 +559,11 @@ def main(args: argparse.Namespace) -> None:
         raise DataError(f"--num-classes {num_classes} is below the data's {manifest['num_classes']} classes: "
                         "drop the flag (the manifest's count is the default)")
 
+    memory = None
+    if args.cond == "memory":  # GMem: each item is conditioned on its own snippet (row i of the bank)
+        memory = open_dataset_memory(args.data_dir, args.memory)
+        dataset = MemoryDataset(dataset, memory)
+
     run_dir, ckpt_dir, lock = open_run_dir(args, info)
     log = RunLogger(run_dir, info.is_main)
     resume_path, ckpt = choose_checkpoint(args, ckpt_dir, info, log)
@@ -549,7 +574,8 @@ def main(args: argparse.Namespace) -> None:
     name = None if args.model == "custom" else args.model
     sit = build_sit(name, depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads,
                     patch_size=args.patch_size, input_size=h, in_channels=c, num_classes=num_classes,
-                    class_dropout_prob=args.cfg_prob, qk_norm=args.qk_norm or None).to(device)
+                    class_dropout_prob=args.cfg_prob, qk_norm=args.qk_norm or None, cond=args.cond,
+                    memory_dim=memory.dim if memory else 0).to(device)
     model_config = sit.config.to_dict()
     named_size = name if args.depth is None else None  # an overridden depth gets the custom default block
     reg = build_regulariser(args, named_size, sit.config.hidden_size, sit.config.depth,
@@ -566,7 +592,7 @@ def main(args: argparse.Namespace) -> None:
     step = 0
     if ckpt is not None:
         parts = dict(sit=sit, ema=ema, reg=reg, opt=opt, scaler=scaler)
-        step = restore_training_state(ckpt, resume_path, args, manifest, parts, world, rank, device, log)
+        step = restore_training_state(ckpt, resume_path, args, manifest, parts, world, rank, device, log, memory)
         log(f"resumed from {resume_path} at step {step}")
     else:
         torch.manual_seed(args.seed * world + rank)
@@ -585,14 +611,16 @@ def main(args: argparse.Namespace) -> None:
     if info.is_main:  # written once the lock is held and the resume checks passed: it describes the weights
         atomic_write_json(os.path.join(run_dir, "config.json"),
                           {"args": vars(args), "model_config": model_config, "world_size": world,
-                           "data": manifest_for_sampling(manifest), "data_fingerprint": data_fingerprint(manifest)})
+                           "data": manifest_for_sampling(manifest), "data_fingerprint": data_fingerprint(manifest),
+                           "memory": memory.describe() if memory else None})
         trim_metrics(run_dir, step)
     n_params = sum(p.numel() for p in sit.parameters())
     n_reg = sum(p.numel() for p in reg.parameters())
     log(f"run dir {run_dir}; {world} process(es) on {device.type}; SiT {n_params / 1e6:.2f}M parameters"
         + (f" + regulariser {args.reg} {n_reg / 1e6:.2f}M (training only)" if args.reg != "none" else ""))
     log(f"data: {len(dataset)} items {c}x{h}x{w}, {num_classes} classes; global batch {args.global_batch_size} "
-        f"= {world} x {args.grad_accum_steps} x {micro_batch}")
+        f"= {world} x {args.grad_accum_steps} x {micro_batch}"
+        + (f"; conditioned on memory {memory.path} ({memory.dim}-d, {memory.meta['encoder']})" if memory else ""))
     tracker = make_tracker(args, run_dir) if info.is_main else None
 
     sampler = DistributedEpochSampler(len(dataset), args.global_batch_size, world, rank, args.seed)
@@ -663,7 +691,7 @@ def main(args: argparse.Namespace) -> None:
                         "data_position": {"epoch": epoch, "step_in_epoch": step - epoch * sampler.steps_per_epoch,
                                           "steps_per_epoch": sampler.steps_per_epoch},
                         "args": vars(args), "model_config": model_config, "data": manifest_for_sampling(manifest),
-                        "data_fingerprint": data_fingerprint(manifest),
+                        "data_fingerprint": data_fingerprint(manifest), "memory": memory.describe() if memory else None,
                     })
                     log(f"saved checkpoint {path}")
                     try:  # a picture is never worth stopping a run for
