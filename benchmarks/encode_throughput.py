@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from preprocessing.encode import Encoder, load_vae, resolve_dtype
+from preprocessing.encode import DTYPES, Encoder, allow_tf32, load_vae, resolve_dtype
 
 CONFIGS = {
     "tiny": dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--min-images", type=int, default=8, help="per batch size (at least one batch)")
     p.add_argument("--min-seconds", type=float, default=5.0, help="per batch size")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="as preprocessing/encode.py (fp32: TF32 on GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args()
@@ -82,13 +82,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype)
+    tf32 = allow_tf32(device, dtype)
     vae, name = build_vae(args, device)
     modules = [vae.encoder] + ([vae.quant_conv] if vae.quant_conv is not None else [])
     params = sum(p.numel() for m in modules for p in m.parameters())
     encoder = Encoder(vae, device, dtype)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    print(f"encoder: {name}, {params / 1e6:.1f}M parameters, {args.resolution}px, {str(dtype).split('.')[-1]} "
+    precision = str(dtype).split(".")[-1] + (" (TF32)" if tf32 else "")
+    print(f"encoder: {name}, {params / 1e6:.1f}M parameters, {args.resolution}px, {precision} "
           f"on {device} ({torch.get_num_threads()} CPU threads)", flush=True)
     results = []
     for b in sizes:
@@ -98,7 +100,7 @@ def main() -> None:
               flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(encoder=name, resolution=args.resolution, dtype=str(dtype), device=str(device),
+            json.dump(dict(encoder=name, resolution=args.resolution, dtype=str(dtype), tf32=tf32, device=str(device),
                            threads=torch.get_num_threads(), results=results), f, indent=2)
 
 

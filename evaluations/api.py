@@ -8,7 +8,7 @@ import numpy as np
 
 from evaluations.errors import EvaluationError, MetricInputError
 from evaluations.images import ImageSource, open_images
-from evaluations.inception import FeatureExtractor, compute_features
+from evaluations.inception import FeatureExtractor, compute_features, strict_fp32
 from evaluations.metrics import (
     IS_SPLITS,
     PR_NEIGHBOURS,
@@ -96,7 +96,8 @@ def evaluate_detailed(
         results["is"] = inception_score(feats["logits"])
     if "prec_recall" in todo:
         device = getattr(extractor, "device", "cpu")
-        results["precision"], results["recall"] = precision_recall(ref_stats[POOL_KEY], feats["pool"], device=device)
+        with strict_fp32():  # cdist runs on matmuls: a caller's TF32 setting would shift the k-NN radii
+            results["precision"], results["recall"] = precision_recall(ref_stats[POOL_KEY], feats["pool"], device=device)
     return results, skipped
 
 

@@ -1,16 +1,25 @@
 """CLI: ADM-compatible FID, sFID, IS, precision and recall of a sample .npz against a reference.
 
-    python -m evaluations.evaluate --ref VIRTUAL_imagenet256_labeled.npz --sample samples.npz
+    python -m evaluations.evaluate --ref VIRTUAL_imagenet256_labeled.npz --sample samples.npz   # from the repo
+    python /path/to/repo/evaluations/evaluate.py --ref REF --sample SAMPLES.npz                  # from anywhere
 
 Prints a table and writes JSON (default: next to the samples, SAMPLES_metrics.json).
-Bad input exits with code 2 and one `error: ...` line.
+Bad input, including an unwritable --out, exits with code 2 and one `error: ...` line before any work.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    # Run as a script: Python put evaluations/ itself on sys.path (its images.py, api.py... would
+    # shadow top-level modules); the repository root is what `import evaluations` needs.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import argparse
+import json
 import time
 import types
 
@@ -25,7 +34,7 @@ LABELS = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "r
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m evaluations.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="evaluations/evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--ref", required=True, help="ADM reference batch .npz, statistics .npz, images .npz/.npy or image folder")
     p.add_argument("--sample", required=True, help="samples .npz (arr_0: uint8 N x H x W x 3), .npy or image folder")
     p.add_argument("--metrics", default=None,
@@ -45,9 +54,28 @@ def default_json_path(sample: str) -> str:
     return os.path.splitext(os.path.normpath(sample))[0] + "_metrics.json"
 
 
+def check_writable(path: str) -> None:
+    """Raise EvaluationError unless `path` can be written (its folder may still have to be created).
+
+    Checked before the network loads: a read-only --out must not cost hours of feature extraction.
+    """
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise EvaluationError(f"--out {path} is a folder; give a file path such as {os.path.join(path, 'metrics.json')}")
+    existing = os.path.dirname(path)
+    while not os.path.exists(existing):  # the nearest ancestor that exists must let us create the rest
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise EvaluationError(f"cannot write {path}: {existing} is a file, not a folder; pass --out in a writable folder")
+    target = path if os.path.exists(path) else existing
+    mode = os.W_OK if target == path else os.W_OK | os.X_OK
+    if not os.access(target, mode):
+        raise EvaluationError(f"cannot write {path}: {target} is not writable; pass --out PATH in a writable folder")
+
+
 def format_table(results: dict[str, float], skipped: dict[str, str]) -> str:
     lines = [f"{'metric':<10} {'value':>10}", f"{'-' * 10} {'-' * 10}"]
-    lines += [f"{LABELS[k]:<10} {v:>10.4f}" for k, v in results.items()]
+    lines += [f"{LABELS.get(k, k):<10} {v:>10.4f}" for k, v in results.items()]
     lines += [f"{LABELS.get(k, k):<10} {'skipped':>10}  - {why}" for k, why in skipped.items()]
     return "\n".join(lines)
 
@@ -58,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1:
             raise EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
         metrics = check_metrics(args.metrics.split(",")) if args.metrics else METRICS
+        out = args.out or default_json_path(args.sample)
+        check_writable(out)
         samples = open_images(args.sample, "samples")  # validate inputs before loading the network
         if not os.path.exists(args.ref):
             raise ImageDataError(f"{args.ref}: no such reference; give an ADM reference batch .npz, a statistics .npz or an image folder")
@@ -75,15 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"samples: {args.sample} ({len(samples)} images, {h}x{w})  reference: {args.ref}")
     print(f"inception: {extractor.source}")
     print(format_table(results, skipped))
-    out = args.out or default_json_path(args.sample)
     report = {
         "sample": args.sample, "ref": args.ref, "num_images": len(samples), "image_size": [h, w],
         "metrics": results, "skipped": skipped, "inception_weights": extractor.source,
+        "inception_weights_sha256": getattr(extractor, "weights_sha256", None),
         "batch_size": args.batch_size, "device": str(args.device), "seconds": round(time.time() - start, 1),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(report, f, indent=2)
+    except OSError as e:
+        # Writable when checked, not now (disk full, permissions changed): keep the results anyway.
+        print(json.dumps(report))
+        print(f"error: cannot write {out} ({e.strerror or e}); the JSON report is printed above", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 

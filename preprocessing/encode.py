@@ -20,9 +20,13 @@ from __future__ import annotations
 import os
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `python preprocessing/encode.py` puts only preprocessing/ on the path
-    sys.path.insert(0, _ROOT)
+if __name__ == "__main__":
+    # `python /path/to/preprocessing/encode.py` (any working directory, or torchrun) puts preprocessing/
+    # itself on sys.path, where its images.py would shadow other modules; the imports below need the
+    # repository root instead.
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+    sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse
 import contextlib
@@ -48,6 +52,7 @@ DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 RUN_FILE = "run.json"      # settings of the run that owns this directory (resume guard)
 META_FILE = "meta.json"    # per-shard sidecar, written after the shard's arrays
 STOP_EXIT_CODE = 3         # --stop-after-shards (simulated crash)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SHARD_SIZE = 10_000    # default cap: resume granularity of about 1 % of ImageNet
 SHARD_BYTES = 256 << 20    # default: keep one shard's mean + std under 256 MiB of RAM
 
@@ -85,8 +90,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=-1,
                    help="image-decoding DataLoader workers per rank; -1 = min(8, cores per rank - 1)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="encoder autocast dtype; auto = bf16 on GPU (fp16 without bf16 support), fp32 on CPU")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="encoder precision: fp32 (as REPA and EDM2; TF32 allowed on GPU) or bf16/fp16 autocast "
+                        "(faster on GPU, but the posterior moments then come out of a half-precision layer)")
     p.add_argument("--stop-after-shards", type=int, default=None,
                    help="testing / resume drills only: each rank exits with code 3 after writing this many shards")
     args = p.parse_args(argv)
@@ -137,12 +143,27 @@ def vae_downsample(vae: Any) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """--dtype name -> torch dtype. encode.py defaults to fp32 on every device: under bf16 autocast the
+    posterior mean and log-variance come straight out of a bf16 conv (about 1.5 % error on std).
+    "auto" (bf16 on GPU, fp16 without bf16 support, fp32 elsewhere) remains for other scripts."""
     if name == "auto":
-        if device.type != "cuda":
+        if device is None or device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    if name not in DTYPES:
+        raise DataError(f"unknown --dtype {name!r}: choose from {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def allow_tf32(device: torch.device, dtype: torch.dtype) -> bool:
+    """fp32 on a GPU: let convolutions and matmuls use TF32 tensor cores (10-bit mantissa, far closer
+    to fp32 than bf16's 7 bits), as REPA does. Process-wide; returns whether TF32 is on."""
+    if device.type != "cuda" or dtype != torch.float32:
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
 
 
 class Encoder:
@@ -235,6 +256,17 @@ def channel_sums(mean: np.ndarray, std: np.ndarray | None, chunk: int = 1024) ->
             s = std[start:start + chunk].astype(np.float64)
             s2 += (s * s).sum(axis=(0, 2, 3))
     return s1.tolist(), s2.tolist()
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse an --out inside the image folder up front: the next run would list it as a class folder
+    (shards hold no images) and fail."""
+    if args.dataset != "folder" or not args.data_path:
+        return
+    data, out = os.path.realpath(args.data_path), os.path.realpath(args.out)
+    if out == data or out.startswith(data.rstrip(os.sep) + os.sep):
+        raise DataError(f"--out {args.out!r} is inside --data-path {args.data_path!r}: the next run would read the "
+                        "output as a class folder; pass an --out outside the input folder")
 
 
 def check_output(out: str, config: dict, info: DistInfo) -> None:
@@ -371,6 +403,7 @@ def finalize(out: str, num_shards: int, latent_shape: tuple[int, ...], source: A
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
     """The whole job on this rank; returns the manifest on rank 0."""
     t0 = time.time()
+    check_paths(args)
     info = init_distributed(args.device)
     say = print if info.is_main else (lambda *a, **k: None)
     source = build_source(args)
@@ -385,7 +418,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
         finally:
             if info.is_main:
                 barrier()
-    dtype = resolve_dtype(args.dtype, info.device)
+    dtype = resolve_dtype(args.dtype)
+    tf32 = allow_tf32(info.device, dtype)
     if vae is None:
         latent_shape = (source.channels, args.resolution, args.resolution)
         scale, shift = 1.0, 0.0
@@ -417,8 +451,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
     mine = [i for i in range(num_shards) if i % info.world_size == info.rank]
     todo = [i for i in mine if read_meta(out, i) is None]
     say(f"encode: {n} images from {source.description} -> {out}: {num_shards} shards of {shard_size}, "
-        f"latent {'x'.join(map(str, latent_shape))}, vae {args.vae}, {config['dtype']} on {info.device}, "
-        f"{info.world_size} rank(s)", flush=True)
+        f"latent {'x'.join(map(str, latent_shape))}, vae {args.vae}, {config['dtype']}{' (TF32)' if tf32 else ''} "
+        f"on {info.device}, {info.world_size} rank(s)", flush=True)
     if len(todo) < len(mine):
         say(f"resume: rank 0 skips {len(mine) - len(todo)} completed shards", flush=True)
     if getattr(source, "ignored", None):
@@ -434,7 +468,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
     if not info.is_main:
         return None
     extra = dict(vae=args.vae, flip=args.flip, resolution=args.resolution, shard_size=shard_size,
-                 items_per_image=copies, encoder_dtype=config["dtype"], source_sha256=config["items_sha256"],
+                 items_per_image=copies, encoder_dtype=config["dtype"], encoder_tf32=tf32,
+                 source_sha256=config["items_sha256"],
                  vae_config=None if vae is None else {k: v for k, v in dict(vae.config).items() if not k.startswith("_")},
                  ignored_files=list(getattr(source, "ignored", [])), argv=list(argv), args=vars(args))
     if isinstance(source, FashionMNISTSource):

@@ -10,6 +10,8 @@ import gzip
 import importlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,9 +24,16 @@ from evaluations import metrics as met
 from evaluations.api import EvaluationWarning
 from evaluations.errors import ImageDataError, MetricInputError, WeightsError
 from evaluations.images import NpzImages, open_images
-from evaluations.reference import reference_cache_path
+from evaluations.reference import cache_key, reference_cache_path
 
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Weights hashes and caches go to a temporary folder, never to the user's ~/.cache."""
+    monkeypatch.setenv(inc.CACHE_ENV, str(tmp_path_factory.mktemp("cache-root")))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -50,11 +59,12 @@ def fashion_rgb(start: int, count: int) -> np.ndarray:
 class FakeExtractor:
     """Deterministic stand-in for Inception: pooled colour statistics as features, milliseconds per image."""
 
-    def __init__(self, has_logits: bool = True) -> None:
+    def __init__(self, has_logits: bool = True, weights: str = "fake-weights") -> None:
         self.has_logits = has_logits
         self.device = torch.device("cpu")
         self.calls = 0
         self.proj = torch.randn(12, 10, generator=torch.Generator().manual_seed(1))
+        self.identity = {"network": "fake", "weights_sha256": weights}
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         self.calls += 1
@@ -158,6 +168,80 @@ def test_precision_recall_matches_brute_force_in_small_blocks(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# Exact fp32 inside the extractor
+
+
+def precision_state() -> tuple:
+    """Legacy flags and the precision every op family really uses."""
+    return (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision(),
+            tuple(inc.effective_fp32_precision(p) for p in inc._PRECISION_LEAVES))
+
+
+@pytest.fixture
+def fast_math():
+    """TF32 everywhere and bf16 oneDNN matmuls, as a training script might leave them; reset afterwards."""
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.set_float32_matmul_precision("medium")
+    state = precision_state()
+    assert state[:3] == (True, True, "medium") and "bf16" in state[3]
+    yield state
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = True  # torch's default
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+class RecordingNetwork(torch.nn.Module):
+    """Stands in for the Inception network: records the precision settings it runs under."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.Mixed_6d = torch.nn.Module()
+        self.Mixed_6d.branch1x1 = torch.nn.Conv2d(3, 8, 1)
+        self.fail, self.seen = fail, []
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.seen.append(precision_state())
+        spatial = self.Mixed_6d.branch1x1(x.float())
+        if self.fail:
+            raise RuntimeError("network failed")
+        return [spatial.mean(dim=(2, 3))]
+
+
+def test_extractor_runs_in_strict_fp32_and_restores(fast_math):
+    strict = (False, False, "highest", ("ieee",) * len(inc._PRECISION_LEAVES))
+    net = RecordingNetwork()
+    feats = inc.InceptionExtractor(net, False, "cpu", "test")(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    assert net.seen == [strict] and feats["spatial"].shape == (2, 7 * 8 * 8)
+    assert precision_state() == fast_math
+    failing = RecordingNetwork(fail=True)
+    with pytest.raises(RuntimeError, match="network failed"):
+        inc.InceptionExtractor(failing, False, "cpu", "test")(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    assert failing.seen == [strict] and precision_state() == fast_math
+
+
+def test_strict_fp32_restores_the_new_precision_api():
+    """torch's newer per-backend fp32_precision settings (and the legacy getters' readability) come back as they were."""
+    if inc._precision_knob("cudnn.conv") is None:
+        pytest.skip("this torch has no fp32_precision settings")
+    knobs = [p for p in inc._PRECISION_KNOBS if inc._precision_knob(p) is not None]
+    before = {p: inc._precision_knob(p).fp32_precision for p in knobs}
+    try:
+        torch.backends.fp32_precision = "tf32"  # a parent setting that the legacy setters do not override
+        torch.backends.mkldnn.conv.fp32_precision = "bf16"
+        mixed = {p: inc._precision_knob(p).fp32_precision for p in knobs}
+        with inc.strict_fp32():
+            assert [inc.effective_fp32_precision(p) for p in inc._PRECISION_LEAVES] == ["ieee"] * len(inc._PRECISION_LEAVES)
+        assert {p: inc._precision_knob(p).fp32_precision for p in knobs} == mixed
+    finally:
+        for p, v in before.items():
+            inc._precision_knob(p).fp32_precision = v
+        torch.backends.cudnn.allow_tf32 = True  # back to the legacy defaults for later tests
+        torch.set_float32_matmul_precision("highest")
+    assert precision_state()[:3] == (True, False, "highest")  # legacy getters readable again
+
+
+# ------------------------------------------------------------------------------------------------
 # Image input and its errors
 
 
@@ -215,8 +299,9 @@ def test_npz_streaming_matches_array(tmp_path):
 def test_reference_cache_round_trip(tmp_path):
     np.savez(tmp_path / "ref.npz", arr_0=random_images(30))
     fake, cache = FakeExtractor(), str(tmp_path / "cache")
+    key = cache_key(str(tmp_path / "ref.npz"), fake.identity, 30)
     first = evaluations.reference_statistics(str(tmp_path / "ref.npz"), fake, cache, batch_size=8)
-    assert fake.calls == 4 and first["cache_path"] == reference_cache_path(str(tmp_path / "ref.npz"), cache)
+    assert fake.calls == 4 and first["cache_path"] == reference_cache_path(str(tmp_path / "ref.npz"), key, cache)
     assert first["mu"].shape == (12,) and first["sigma_s"].shape == (12, 12) and first["pool"].shape == (30, 12)
     second = evaluations.reference_statistics(str(tmp_path / "ref.npz"), fake, cache)
     assert fake.calls == 4  # served from the cache
@@ -226,7 +311,35 @@ def test_reference_cache_round_trip(tmp_path):
         np.testing.assert_array_equal(first[key], again[key])
     # A changed reference file gets a new cache entry.
     os.utime(tmp_path / "ref.npz", ns=(1, 1))
-    assert reference_cache_path(str(tmp_path / "ref.npz"), cache) != first["cache_path"]
+    assert reference_cache_path(str(tmp_path / "ref.npz"), cache_key(str(tmp_path / "ref.npz"), fake.identity, 30),
+                                cache) != first["cache_path"]
+
+
+def test_cache_is_keyed_on_the_extractor(tmp_path):
+    """Statistics of other weights are never served; an extractor without an identity is never cached."""
+    np.savez(tmp_path / "ref.npz", arr_0=random_images(20))
+    ref, cache = str(tmp_path / "ref.npz"), str(tmp_path / "cache")
+    first = FakeExtractor(weights="a" * 64)
+    a = evaluations.reference_statistics(ref, first, cache)
+    other = FakeExtractor(weights="b" * 64)
+    b = evaluations.reference_statistics(ref, other, cache)
+    assert other.calls == 1 and b["cache_path"] != a["cache_path"] and len(os.listdir(cache)) == 2
+    again = FakeExtractor(weights="a" * 64)
+    assert evaluations.reference_statistics(ref, again, cache)["cache_path"] == a["cache_path"] and again.calls == 0
+    # The full key stored inside the file is checked, not only the hash in its name.
+    with np.load(a["cache_path"]) as z:
+        arrays = dict(z)
+    arrays["cache_key"] = np.array(cache_key(ref, {"network": "fake", "weights_sha256": "c" * 64}, 20))
+    np.savez(a["cache_path"], **arrays)
+    assert evaluations.reference_statistics(ref, again, cache)["cache_path"] == a["cache_path"] and again.calls == 1
+    # A cache file used as a reference must come from the same extractor.
+    with pytest.raises(MetricInputError, match=r"another feature extractor \(weights_sha256 differ\)"):
+        evaluations.reference_statistics(b["cache_path"], FakeExtractor(weights="a" * 64), cache)
+    # Unknown weights: computed every time, nothing written.
+    anonymous = FakeExtractor()
+    del anonymous.identity
+    assert evaluations.reference_statistics(ref, anonymous, str(tmp_path / "none"))["cache_path"] is None
+    assert not os.path.exists(tmp_path / "none")
 
 
 def test_adm_style_reference_keeps_precomputed_statistics(tmp_path):
@@ -307,6 +420,58 @@ def test_cli_table_json_and_errors(tmp_path, monkeypatch, capsys):
     # Importing the CLI module must not break evaluations.evaluate(...) as a function.
     assert set(evaluations.evaluate(random_images(12), str(tmp_path / "ref.npz"), FakeExtractor(), ["fid"],
                                     cache_dir=str(tmp_path / "cache"))) == {"fid"}
+
+
+def test_cli_refuses_unwritable_out_before_any_work(tmp_path, monkeypatch, capsys):
+    cli = importlib.import_module("evaluations.evaluate")
+    np.savez(tmp_path / "ref.npz", arr_0=random_images(30, seed=1))
+    np.savez(tmp_path / "sample.npz", arr_0=random_images(30, seed=2))
+
+    def must_not_load(*a, **k):
+        raise AssertionError("loaded the network before checking --out")
+
+    monkeypatch.setattr(cli, "load_inception", must_not_load)
+    args = ["--ref", str(tmp_path / "ref.npz"), "--sample", str(tmp_path / "sample.npz"), "--no-progress", "--out"]
+    (tmp_path / "file").write_text("x")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    real_access = os.access
+    # Tests may run as root, where chmod does not block writing: fake a read-only folder instead.
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: os.fspath(p) != str(read_only) and real_access(p, mode, **k))
+    cases = {
+        str(tmp_path / "file" / "m.json"): "is a file, not a folder",
+        str(tmp_path / "file" / "deeper" / "m.json"): "is a file, not a folder",
+        str(read_only / "m.json"): "read-only is not writable",
+        str(read_only / "new" / "m.json"): "read-only is not writable",
+        str(tmp_path): "is a folder; give a file path",
+    }
+    for out, message in cases.items():
+        assert cli.main(args + [out]) == 2, out
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    # The default path (next to the samples) is checked too.
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: os.fspath(p) != str(tmp_path) and real_access(p, mode, **k))
+    assert cli.main(args[:-1]) == 2
+    assert "sample_metrics.json" in capsys.readouterr().err
+
+
+def run_from(cwd, *cmd: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", **{inc.CACHE_ENV: str(cwd / "cache-root")})
+    return subprocess.run([sys.executable, *cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_script_runs_from_any_working_directory(tmp_path):
+    np.savez(tmp_path / "bad.npz", samples=random_images(3))
+    np.savez(tmp_path / "ref.npz", arr_0=random_images(3))
+    script = os.path.join(ROOT, "evaluations", "evaluate.py")
+    res = run_from(tmp_path, script, "--ref", "ref.npz", "--sample", "bad.npz")
+    assert res.returncode == 2 and res.stderr.startswith("error: bad.npz: no array 'arr_0'"), res.stderr[-2000:]
+    # `python -m` needs the repository on the path (PYTHONPATH or an install): documented.
+    env = {"PYTHONPATH": ROOT}
+    res = subprocess.run([sys.executable, "-m", "evaluations.evaluate", "--ref", "ref.npz", "--sample", "bad.npz"],
+                         cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "no array 'arr_0'" in res.stderr, res.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -473,3 +638,64 @@ def test_logits_layer_when_weights_have_one(extractor, weights_dir, real_sets):
     assert with_fc.has_logits and "unverified" in with_fc.source
     feats = evaluations.compute_features(real_sets[0][:1], with_fc)
     np.testing.assert_allclose(feats["logits"], feats["pool"] @ state["fc.weight"].numpy().T, rtol=1e-4, atol=1e-4)
+
+
+def test_tampered_weights_never_poison_the_reference_cache(extractor, real_sets, tmp_path):
+    """Issue 12 scenario: loadable but tampered ("unverified") weights cache their reference statistics;
+    a later run with the right weights must compute its own, and report the right FID."""
+    state = {k: v.clone() for k, v in extractor.network.state_dict().items() if not k.startswith("fc.")}
+    state["Mixed_7c.branch_pool.conv.weight"] *= 3.0
+    torch.save(state, tmp_path / "tampered.pth")
+    tampered = evaluations.load_inception(str(tmp_path / "tampered.pth"), verbose=False)
+    assert "unverified" in tampered.source and tampered.weights_sha256 != extractor.weights_sha256
+    ref, sample = real_sets[0][:8], real_sets[1][:8]
+    np.savez(tmp_path / "ref.npz", arr_0=ref)
+    cache = str(tmp_path / "cache")
+    bad = evaluations.reference_statistics(str(tmp_path / "ref.npz"), tampered, cache)
+    assert os.path.isfile(bad["cache_path"])
+    good = evaluations.reference_statistics(str(tmp_path / "ref.npz"), extractor, cache)
+    assert good["cache_path"] != bad["cache_path"]
+    truth = evaluations.compute_features(ref, extractor)["pool"]
+    np.testing.assert_allclose(good["pool"], truth, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(bad["pool"], truth, rtol=1e-3)
+    fid = evaluations.evaluate(sample, str(tmp_path / "ref.npz"), extractor, ["fid"], cache_dir=cache)["fid"]
+    sample_stats = evaluations.feature_statistics(evaluations.compute_features(sample, extractor)["pool"])
+    expected = evaluations.frechet_distance(*sample_stats, *evaluations.feature_statistics(truth))
+    assert fid == pytest.approx(expected, rel=1e-6)
+
+
+def test_weights_hash_is_computed_once_per_file_version(tmp_path, monkeypatch):
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"weights v1")
+    calls = []
+    real_hash = inc._file_hash
+    monkeypatch.setattr(inc, "_file_hash", lambda p, a: calls.append(p) or real_hash(p, a))
+    monkeypatch.setattr(inc, "_sha256_memo", {})
+    import hashlib
+    assert inc.file_sha256(str(path), str(tmp_path)) == hashlib.sha256(b"weights v1").hexdigest()
+    assert inc.file_sha256(str(path), str(tmp_path)) == hashlib.sha256(b"weights v1").hexdigest()
+    monkeypatch.setattr(inc, "_sha256_memo", {})  # a new process: the record on disk answers
+    assert inc.file_sha256(str(path), str(tmp_path)) == hashlib.sha256(b"weights v1").hexdigest()
+    assert len(calls) == 1 and os.path.isfile(tmp_path / inc.SHA256_CACHE_FILE)
+    path.write_bytes(b"weights v2")  # new content: new size and mtime, hashed again
+    os.utime(path, ns=(10**9, 10**9))
+    assert inc.file_sha256(str(path), str(tmp_path)) == hashlib.sha256(b"weights v2").hexdigest()
+    assert len(calls) == 2
+    # An unwritable record location only costs a re-hash.
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(inc, "_sha256_memo", {})
+    assert inc.file_sha256(str(path), str(tmp_path / "file" / "cache")) == hashlib.sha256(b"weights v2").hexdigest()
+
+
+def test_cli_script_full_run_from_another_directory(extractor, torchscript, weights_dir, real_sets, tmp_path):
+    """`python /abs/evaluations/evaluate.py` from an unrelated working directory, end to end."""
+    np.savez(tmp_path / "ref.npz", arr_0=real_sets[0][:4])
+    np.savez(tmp_path / "sample.npz", arr_0=real_sets[1][:4])
+    weights = inc.converted_fid_helper_weights(torchscript, weights_dir, verbose=False)
+    res = run_from(tmp_path, os.path.join(ROOT, "evaluations", "evaluate.py"), "--ref", "ref.npz", "--sample",
+                   "sample.npz", "--metrics", "fid", "--inception-weights", weights, "--device", "cpu",
+                   "--offline", "--no-progress", "--cache-dir", "ref-cache")
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "sample_metrics.json").read_text())
+    stats = [evaluations.feature_statistics(evaluations.compute_features(s[:4], extractor)["pool"]) for s in real_sets]
+    assert report["metrics"]["fid"] == pytest.approx(evaluations.frechet_distance(*stats[1], *stats[0]), rel=1e-5)

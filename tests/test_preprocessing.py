@@ -169,6 +169,69 @@ def test_cli_errors_are_one_line(case, image_dir, vae_dir, tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and ":" in err[0][7:], err
 
 
+def test_out_inside_data_path_is_refused_up_front(image_dir, tmp_path, capsys):
+    data = tmp_path / "images"
+    os.makedirs(data / "cls")
+    Image.new("RGB", (8, 8)).save(data / "cls" / "a.png")
+    os.symlink(data, tmp_path / "link")
+    for out in (data / "latents", data, tmp_path / "link" / "latents", data / "cls" / "deep" / "x"):
+        rc = encode.main(["--data-path", str(data), "--vae", "none", "--resolution", "8", "--workers", "0",
+                          "--out", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "is inside --data-path" in err[0], err
+    assert sorted(os.listdir(data)) == ["cls"] and os.listdir(data / "cls") == ["a.png"]  # nothing written
+    # Via a symlinked --data-path too, and a sibling whose name merely starts the same is fine.
+    rc = encode.main(["--data-path", str(tmp_path / "link"), "--vae", "none", "--resolution", "8", "--workers", "0",
+                      "--out", str(data / "latents")])
+    assert rc == 2 and "is inside --data-path" in capsys.readouterr().err
+    assert encode.main(["--data-path", str(data), "--vae", "none", "--resolution", "8", "--workers", "0",
+                        "--out", str(tmp_path / "images-latents")]) == 0
+
+
+def test_default_precision_is_fp32():
+    args = encode.parse_args(["--data-path", "x", "--out", "y"])
+    assert args.dtype == "fp32"
+    for device in ("cpu", "cuda"):  # on a GPU too: bf16 was the GPU default before
+        assert encode.resolve_dtype(args.dtype, torch.device(device)) == torch.float32
+    assert encode.resolve_dtype("bf16") == torch.bfloat16
+    with pytest.raises(SystemExit):
+        encode.parse_args(["--data-path", "x", "--out", "y", "--dtype", "auto"])
+    # fp32 on a GPU allows TF32 (process-wide, like train.py --tf32); nothing else touches the flags.
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert not encode.allow_tf32(torch.device("cpu"), torch.float32)
+        assert not encode.allow_tf32(torch.device("cuda"), torch.bfloat16)
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert encode.allow_tf32(torch.device("cuda"), torch.float32)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_fp32_posterior_is_exact_and_bf16_is_not(vae_dir):
+    """Why fp32 is the default: the stored std under bf16 autocast is off by about a percent."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+    with torch.no_grad():
+        post = vae.encode(images.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist
+    errors = {}
+    for name in ("fp32", "bf16"):
+        mean, std = encode.Encoder(vae, torch.device("cpu"), encode.resolve_dtype(name))(images)
+        errors[name] = float(((std - post.std).abs() / post.std).max())
+    assert errors["fp32"] < 1e-5 and errors["bf16"] > 1e-3, errors
+
+
+def test_script_runs_from_any_working_directory(image_dir, tmp_path):
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, SCRIPT, "--data-path", image_dir, "--vae", "none", "--resolution", "8",
+                          "--limit", "4", "--workers", "0", "--out", "relative-out"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(LatentDataset(str(tmp_path / "relative-out"))) == 4
+
+
 # ----------------------------------------------------------------------------- tiny VAE end to end
 
 def test_tiny_vae_dataset_reads_back(reference, image_dir, vae_dir):
@@ -178,6 +241,7 @@ def test_tiny_vae_dataset_reads_back(reference, image_dir, vae_dir):
     assert m["class_names"] == list(CLASSES) and m["latent_scale"] == pytest.approx(0.18215)
     assert m["latent_shift"] == 0.0 and m["resolution"] == 16 and m["flip"] is False
     assert m["vae"] == vae_dir and m["image_count"] == 12 and m["vae_config"]["latent_channels"] == 4
+    assert m["encoder_dtype"] == "float32" and m["encoder_tf32"] is False  # the default, recorded
     assert [s["count"] for s in m["shards"]] == [4, 3, 4, 1]  # 13 items / 4; shard 1 lost broken.jpg
     assert m["ignored_files"] == ["cat/notes.txt"] and m["argv"][:2] == ["--data-path", image_dir]
     labels = [ds[i][2] for i in range(len(ds))]
