@@ -329,3 +329,19 @@ def test_nonfinite_projections_never_enter_the_memory_bank():
     bank.enqueue(bad)  # wraps onto the first batch's rows
     assert torch.isfinite(bank.queue).all()
     assert torch.equal(bank.queue[[1, 3]], first[[1, 3]]) and torch.equal(bank.queue[[0, 2]], torch.ones(2, 3))
+
+
+ENTRY_POINTS = ["train.py", "sample_ddp.py", "demo.py", "preprocessing/encode.py", "preprocessing/memory.py",
+                "evaluations/evaluate.py", "benchmarks/convergence.py", "benchmarks/memory.py",
+                "benchmarks/train_throughput.py"]
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS + ["-m evaluations.evaluate"])
+def test_entry_points_start_from_any_working_directory(tmp_path, script):
+    if script.startswith("-m") and os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(ROOT, ".venv")):
+        pytest.skip("python -m from anywhere needs the .venv that setup.sh made")
+    cmd = script.split() if script.startswith("-m") else [os.path.join(ROOT, script)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, *cmd, "--help"], cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
