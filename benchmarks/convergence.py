@@ -128,41 +128,48 @@ def run_all(a: argparse.Namespace, configs: dict, results: dict, results_path: s
                 print(f"{key}: FID-{a.fid_samples} {fid:.2f}", flush=True)
 
 
-def mean_spread(vals: list[float], signed: bool = False) -> str:
+def mean_spread(vals: list[float], signed: bool = False, digits: int = 1) -> str:
     """'m', 'm ± half-range' for two values, 'm ± sample std' for more."""
-    m = f"{statistics.mean(vals):{'+' if signed else ''}.1f}"
+    m = f"{statistics.mean(vals):{'+' if signed else ''}.{digits}f}"
     if len(vals) == 2:
-        return f"{m} ± {abs(vals[0] - vals[1]) / 2:.1f}"
-    return f"{m} ± {statistics.stdev(vals):.1f}" if len(vals) > 2 else m
+        return f"{m} ± {abs(vals[0] - vals[1]) / 2:.{digits}f}"
+    return f"{m} ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 2 else m
+
+
+def fid_tables(fid: dict[tuple[str, int, int], float], names: list[str], steps: list[int],
+               baseline: str) -> tuple[list[str], list[str], dict[str, dict[int, float]]]:
+    """Markdown rows of FID per config and step (mean and spread over seeds), rows of FID minus the
+    baseline's at the same seed (paired: a seed fixes the SiT's init and data order for every config,
+    so most seed noise cancels), and the seed means {config: {step: mean}}. fid: {(config, seed, step): FID}."""
+    header = [f"| config | {' | '.join(f'step {s}' for s in steps)} |", "|---|" + "---|" * len(steps)]
+    lines, paired, means = list(header), list(header), {}
+    for name in names:
+        row, prow = [], []
+        for s in steps:
+            vals = [v for (c, _, step), v in sorted(fid.items()) if c == name and step == s]
+            diffs = [v - fid[baseline, seed, s] for (c, seed, step), v in sorted(fid.items())
+                     if c == name and step == s and (baseline, seed, s) in fid]
+            row.append(mean_spread(vals) if vals else "-")
+            prow.append(mean_spread(diffs, signed=True) if diffs else "-")
+            if vals:
+                means.setdefault(name, {})[s] = statistics.mean(vals)
+        lines.append(f"| {name} | {' | '.join(row)} |")
+        if name != baseline:
+            paired.append(f"| {name} | {' | '.join(prow)} |")
+    return lines, paired, means
 
 
 def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
-    """Tables: FID per config and step (mean and spread over seeds), and its difference to --reg none
-    at the same seed (paired: a seed fixes the SiT's init and data order for every config, so most
-    seed noise cancels); one plot of the seed means."""
+    """Tables: FID per config and step, and its difference to --reg none at the same seed
+    (fid_tables); one plot of the seed means."""
     from plots import plot_fid_bars, plot_fid_curves
 
     # ablation rows beside the references: the baseline, the ablation's base and today's default
     names = (["none", "repulsor-tau0.2", "repulsor"] if a.ablation else []) + list(configs)
     steps = sorted({r["step"] for r in results.values() if r["config"] in names and r["step"] <= a.steps})
     fid = {(r["config"], r["seed"], r["step"]): r["fid"] for r in results.values()}
-    header = [f"| config | {' | '.join(f'step {s}' for s in steps)} |", "|---|" + "---|" * len(steps)]
-    lines, paired, curves = list(header), list(header), {}
-    for name in names:
-        row, prow, means = [], [], []
-        for s in steps:
-            vals = [v for (c, _, step), v in sorted(fid.items()) if c == name and step == s]
-            diffs = [v - fid["none", seed, s] for (c, seed, step), v in sorted(fid.items())
-                     if c == name and step == s and ("none", seed, s) in fid]
-            row.append(mean_spread(vals) if vals else "-")
-            prow.append(mean_spread(diffs, signed=True) if diffs else "-")
-            if vals:
-                means.append((s, statistics.mean(vals)))
-        lines.append(f"| {name} | {' | '.join(row)} |")
-        if name != "none":
-            paired.append(f"| {name} | {' | '.join(prow)} |")
-        if means:
-            curves[name] = ([s for s, _ in means], [m for _, m in means])
+    lines, paired, means = fid_tables(fid, names, steps, "none")
+    curves = {n: (sorted(m), [m[s] for s in sorted(m)]) for n, m in means.items()}
     table = "\n".join(lines) + "\n\nFID minus none's FID at the same seed:\n\n" + "\n".join(paired)
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(table + "\n")

@@ -55,3 +55,100 @@ def test_convergence_unknown_config_is_a_clear_error(tmp_path):
     r = _report(str(tmp_path), "--configs", "repulsr")
     assert r.returncode != 0
     assert "unknown configs ['repulsr']" in r.stderr and "repulsor" in r.stderr
+
+
+# ----------------------------------------------------------------------------- benchmarks/memory.py
+
+def _memory(out: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "benchmarks/memory.py", "--out", out, *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_memory_report_tables_and_claim(tmp_path):
+    out = str(tmp_path)
+    results = {f"{c}-s{seed}/{step}": {"kind": "fid", "config": c, "seed": seed, "step": step, "fid": fid}
+               for c, seed, step, fid in [
+                   ("class", 0, 400, 200.0), ("class", 1, 400, 204.0), ("class", 0, 1200, 150.0),
+                   ("class", 1, 1200, 152.0),  # final seed mean 151.0: the target
+                   ("memory-repulsor", 0, 400, 160.0), ("memory-repulsor", 1, 400, 150.0),  # mean 155.0 > 151
+                   ("memory-repulsor", 0, 800, 151.0), ("memory-repulsor", 1, 800, 149.0),  # mean 150.0: reached
+                   ("memory-repulsor", 0, 1200, 140.0), ("memory-repulsor", 1, 1200, 142.0),
+                   ("memory-random", 0, 400, 210.0), ("memory-random", 0, 1200, 151.5),  # never below 151
+                   ("class", 0, 2400, 90.0)]}  # beyond --steps: left out
+    results["memory-repulsor-s0/memorisation"] = {"kind": "memorisation", "config": "memory-repulsor", "seed": 0,
+                                                  "step": 1200, "train_images": 5000, "samples": 250,
+                                                  "nn_median_ratio": 0.91, "nn_close_share": 0.012}
+    results["memory-repulsor-s1/memorisation"] = {**results["memory-repulsor-s0/memorisation"], "seed": 1,
+                                                  "nn_median_ratio": 0.95, "nn_close_share": 0.004}
+    results["bank/memory-random"] = {"kind": "bank", "config": "memory-random", "name": "random-sit-s0",
+                                     "fingerprint": "f" * 16, "encoder": "x.pt", "dim": 128, "probe": 5000,
+                                     "mean_cos": 0.97, "nn_label_acc": 0.6}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f)
+    r = _memory(out, "--report-only")
+    assert r.returncode == 0, r.stderr
+    text = open(os.path.join(out, "table.md")).read()
+    lines = text.splitlines()
+    assert lines[2] == "| config | step 400 | step 800 | step 1200 |"
+    assert "| class | 202.0 ± 2.0 | - | 151.0 ± 1.0 |" in lines  # mean ± half-range of two seeds
+    assert "| memory-repulsor | 155.0 ± 5.0 | 150.0 ± 1.0 | 141.0 ± 1.0 |" in lines
+    assert "| memory-random | 210.0 | - | 151.5 |" in lines  # one seed: no spread
+    paired = lines[lines.index("FID minus class's FID at the same seed:"):]
+    assert "| memory-repulsor | -47.0 ± 7.0 | - | -10.0 ± 0.0 |" in paired  # "-" where class has no FID
+    assert "| memory-random | +10.0 | - | +1.5 |" in paired
+    assert not any(row.startswith("| class |") for row in paired)
+    assert "class's final FID is 151.0 (step 1200, seed mean)" in text
+    assert "- memory-repulsor: first reaches it at step 800 (0.67 of the baseline's steps)" in lines
+    assert "- memory-random: does not reach it by step 1200" in lines
+    assert "| memory-repulsor | 0.930 ± 0.020 | 0.008 ± 0.004 |" in lines  # three decimals for the ratios
+    assert "| memory-random | random-sit-s0 | 128 | 0.970 | 0.600 |" in lines
+    assert os.path.isfile(os.path.join(out, "memory.png"))
+
+
+def test_memory_flag_errors_come_before_any_work(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    r = _memory(str(tmp_path / "out"), "--configs", "memory-dino")
+    assert r.returncode == 2 and "unknown configs ['memory-dino']; known: class, memory-repulsor" in r.stderr
+    r = _memory(str(tmp_path / "out"), "--data-root", str(data), "--encoder-ckpt", str(tmp_path / "no.pt"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        f"error: --encoder-ckpt {tmp_path / 'no.pt'} does not exist: run the demo first")
+    assert not os.listdir(data) and not (tmp_path / "out").exists()  # nothing encoded, no run directory
+    r = _memory(str(tmp_path / "out"), "--report-only")
+    assert r.returncode == 2 and "results.json does not exist: run without --report-only first" in r.stderr
+    r = _memory(str(tmp_path / "out"), "--report-only", "--eval-every", "0")
+    assert r.returncode == 2 and "--eval-every must be >= 1" in r.stderr
+
+
+def test_memory_random_encoder_is_not_degenerate(tmp_path):
+    """The control's SiT: every block changes its input (no adaLN-Zero identity), the snippet depends
+    on the image, and preprocessing/memory.py finds the Repulsor head on the Repulsor block."""
+    import importlib.util
+
+    import torch
+
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from preprocessing.memory import sit_block_and_head
+
+    spec = importlib.util.spec_from_file_location("bench_memory", os.path.join(ROOT, "benchmarks", "memory.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path = bench.random_encoder_checkpoint(str(tmp_path / "rand.pt"), latent_shape=[1, 16, 16], num_classes=10,
+                                           depth=3, hidden_size=32, num_heads=2, patch_size=4, proj_dim=8,
+                                           proj_hidden=16, seed=0)
+    ckpt = load_checkpoint(path)
+    sit = model_from_checkpoint(ckpt, "ema", log=lambda m: None).eval()
+    for name, w in sit.state_dict().items():  # DiT's zero and std-0.02 inits are all gone
+        if name.endswith("weight") and w.ndim == 2:
+            assert w.std() > 0.05, name
+    block, head = sit_block_and_head(ckpt, sit.config.depth, None)
+    assert block == 1 and head is not None and head.head[-1].out_features == 8  # depth // 3, like train.py
+    x = torch.randn(4, 1, 16, 16)
+    t, y, drop = torch.zeros(4), torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.bool)
+    with torch.no_grad():
+        tokens = sit.x_embedder(x) + sit.pos_embed
+        out, hidden = sit(x, t, y, return_hidden_at=1, drop=drop)
+        z = head.project(hidden)
+    assert (hidden - tokens).abs().mean() > 0.1 * tokens.abs().mean()  # block 1 is far from the identity
+    assert out.abs().mean() > 0  # nor is the output zero
+    assert (z[0] - z[1]).norm() > 1e-3 and torch.allclose(z.norm(dim=1), torch.ones(4))
