@@ -24,6 +24,17 @@ class-conditional sample files) without a PNG round trip, writes X.grid.png (the
 images) and X.json (settings and timing), and removes X.parts/ unless --keep-parts.
 --save-png also writes X-png/NNNNNN.png.
 
+Memory-conditioned (GMem) checkpoints: image i is conditioned on bank row
+gmem.snippet_index(seed, i), uniform over the bank and a function of (seed, i) only, so the set
+is as independent of ranks and batches as labels are; arr_1 holds those rows. Guidance acts on the
+snippet (conditional: the snippet; unconditional: the model's learned null vector, through its
+drop mask), with the same interval. The bank is the one the checkpoint recorded, or --memory PATH
+(e.g. after moving the dataset); a bank whose fingerprint or dimension differs from the
+checkpoint's is refused. --interpolate A,B (a path between two rows over the N images) or
+--interpolate random (the midpoint of a random pair per image) makes new content from snippets
+between training items (samplers.Interpolation). X.json records the bank (path, fingerprint) and
+the condition scheme.
+
 Errors that a user can fix print one line `error: ...` and exit with code 2.
 """
 from __future__ import annotations
@@ -54,10 +65,13 @@ from distributed import DistInfo, init_distributed, is_dist
 from loss import PATH_TYPES
 from samplers import (
     DEFAULT_STEPS,
+    Interpolation,
     SampleError,
     SamplingSetup,
     generate,
     load_vae,
+    memory_conditions,
+    parse_interpolation,
     save_grid,
     setup_from_checkpoint,
 )
@@ -86,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-balanced", action=argparse.BooleanOptionalAction, default=False,
                    help="image i gets label i %% num_classes; default off: labels uniformly at random, drawn "
                         "per image from (seed, i), as ADM/DiT/SiT/REPA")
+    g = p.add_argument_group("memory-conditioned (GMem) checkpoints")
+    g.add_argument("--memory", default=None,
+                   help="memory bank directory (DATA_DIR/memory-NAME; default: the one the checkpoint recorded); "
+                        "its fingerprint must match the checkpoint's")
+    g.add_argument("--interpolate", default=None, metavar="A,B|random",
+                   help="new content: A,B = image i on the great circle from bank row A to row B, weight "
+                        "i / (N - 1); random = the midpoint of a random pair of rows per image, from (seed, i)")
     p.add_argument("--save-png", action="store_true", help="also write every image as OUT-png/NNNNNN.png")
     p.add_argument("--chunk-size", type=int, default=250, help="images per resumable chunk (default 250)")
     p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ after the .npz is written")
@@ -158,6 +179,8 @@ def default_out(args: argparse.Namespace, num_steps: int) -> str:
     name = f"{tag}-{args.mode}{num_steps}{'-heun' if args.heun else ''}-cfg{args.cfg_scale:g}"
     if args.cfg_scale != 1.0 and (args.guidance_low, args.guidance_high) != (0.0, 1.0):
         name += f"-g{args.guidance_low:g}-{args.guidance_high:g}"
+    if args.interpolate is not None:
+        name += "-interp-" + args.interpolate.strip().replace(",", "-")
     return os.path.join("samples", f"{name}-seed{args.seed}-n{args.num_samples}.npz")
 
 
@@ -324,6 +347,24 @@ def check_args(args: argparse.Namespace) -> None:
         raise SampleError(f"--guidance-low {args.guidance_low} is above --guidance-high {args.guidance_high}")
     if args.cfg_scale < 0 or not math.isfinite(args.cfg_scale):
         raise SampleError(f"--cfg-scale must be a finite number >= 0, got {args.cfg_scale}")
+    if args.interpolate is not None:
+        parse_interpolation(args.interpolate, args.num_samples)
+
+
+def interpolation_of(args: argparse.Namespace) -> Interpolation | None:
+    return None if args.interpolate is None else parse_interpolation(args.interpolate, args.num_samples)
+
+
+def check_condition_flags(args: argparse.Namespace, cond: str) -> None:
+    """Flags that only make sense for one kind of conditioning, refused before the bank is opened."""
+    if cond == "memory" and args.class_balanced:
+        raise SampleError("--class-balanced applies to class-conditional checkpoints; this one is conditioned on "
+                          "memory snippets (one bank row per image, drawn from (seed, i)): drop the flag")
+    if cond != "memory":
+        flag = "--memory" if args.memory is not None else "--interpolate" if args.interpolate is not None else None
+        if flag:
+            raise SampleError(f"{flag} applies to memory-conditioned checkpoints; this one is class-conditional: "
+                              f"drop {flag}")
 
 
 def not_writable(paths: OutPaths, e: OSError) -> SampleError:
@@ -344,10 +385,14 @@ def prepare_output(paths: OutPaths, rank: int) -> None:
 
 def load_setup(args: argparse.Namespace, info: DistInfo, log) -> tuple[SamplingSetup, Any, str]:
     ckpt = load_checkpoint(args.ckpt)
+    check_condition_flags(args, (ckpt.get("model_config") or {}).get("cond", "class"))
     overrides = dict(model=args.model, num_classes=args.num_classes, input_size=args.input_size)
     setup = setup_from_checkpoint(ckpt, weights=args.weights, config_overrides=overrides,
-                                  path_type=args.path_type, log=log)
+                                  path_type=args.path_type, memory=args.memory, log=log)
     del ckpt
+    interp = interpolation_of(args)
+    if interp is not None:  # rows inside the bank (and a path's ends not antipodal) before any work
+        memory_conditions(setup.memory, [0], seed=args.seed, interpolate=interp)
     if args.class_balanced and args.num_samples < setup.num_classes:
         raise SampleError(f"--num-samples {args.num_samples} is smaller than the {setup.num_classes} classes: "
                           "--class-balanced needs at least one image per class (or pass --no-class-balanced)")
@@ -390,11 +435,13 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     settings = dict(
         weights=args.weights, step=setup.step, mode=args.mode, num_steps=num_steps, heun=args.heun,
         cfg_scale=args.cfg_scale, guidance_low=args.guidance_low, guidance_high=args.guidance_high,
-        path_type=setup.path_type, seed=args.seed, labels=label_scheme(args),
+        path_type=setup.path_type, seed=args.seed, labels=label_scheme(args, setup),
         num_classes=setup.num_classes, latent_shape=list(setup.latent_shape),
         latent_scale=setup.scale.flatten().tolist(), latent_shift=setup.shift.flatten().tolist(),
         vae=vae_name, precision=args.precision, tf32=tf32_setting(args),
     )
+    if setup.memory is not None:  # the bank by its identity: a moved copy continues the same set
+        settings.update(memory_fingerprint=setup.memory.fingerprint, memory_count=len(setup.memory))
     chunks = chunk_ranges(args.num_samples, args.chunk_size)
     state: dict[str, Any] = {"error": None, "done": False, "pending": []}
     if info.is_main:
@@ -427,6 +474,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     setup.model = model
     autocast = torch.bfloat16 if args.precision == "bf16" else None
 
+    interp = interpolation_of(args)
     pending = [tuple(c) for c in state["pending"]]
     mine = pending[rank::world]
     indices = [i for s, e in mine for i in range(s, e)]
@@ -434,7 +482,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     log(f"sampling {args.num_samples} images ({args.mode}, {num_steps} steps{', Heun' if args.heun else ''}, "
         f"cfg {args.cfg_scale:g} on t in [{args.guidance_low:g}, {args.guidance_high:g}], {setup.path_type} "
         f"path, vae {vae_name}, {args.precision}{', TF32' if settings['tf32'] else ''}, "
-        f"{settings['labels']} labels) on {world} rank(s); {len(chunks) - len(pending)} of "
+        f"{settings['labels']} {'labels' if setup.memory is None else 'snippets'}) on {world} rank(s); "
+        f"{len(chunks) - len(pending)} of "
         f"{len(chunks)} chunks already done, {total_new} images to go -> {paths.npz}")
 
     from tqdm import tqdm
@@ -450,7 +499,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
         images, labels = generate(setup, vae, batch, seed=args.seed, class_balanced=args.class_balanced,
                                   mode=args.mode, num_steps=num_steps, heun=args.heun, cfg_scale=args.cfg_scale,
                                   guidance_low=args.guidance_low, guidance_high=args.guidance_high,
-                                  device=info.device, autocast_dtype=autocast)
+                                  device=info.device, autocast_dtype=autocast, interpolate=interp)
         acc_img.append(images)
         acc_lab.append(labels)
         acc += len(batch)
@@ -478,11 +527,33 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
                               f"images {missing[0][0]}..{missing[0][1] - 1}: was it modified meanwhile? rerun")
         time.sleep(1.0)
     seconds = time.time() - t0
-    assemble(paths, chunks, settings, args, world, info.device.type, total_new, seconds, log)
+    assemble(paths, chunks, settings, args, world, info.device.type, total_new, seconds, log,
+             memory=None if setup.memory is None else setup.memory.describe())
 
 
-def label_scheme(args: argparse.Namespace) -> str:
+def label_scheme(args: argparse.Namespace, setup: SamplingSetup) -> str:
+    """What conditions the images get (settings.labels): class labels uniform or class-balanced;
+    memory snippets (one bank row per image), or an interpolation between rows."""
+    if setup.memory is not None:
+        interp = interpolation_of(args)
+        if interp is None:
+            return "memory"
+        # A path's weights depend on N: part of the settings, so chunks of another N are never reused.
+        return "memory interpolate random" if interp.pair is None else \
+            f"memory interpolate {interp.pair[0]},{interp.pair[1]} over {interp.num_samples} images"
     return "class-balanced" if args.class_balanced else "uniform"
+
+
+def describe_labels(settings: dict, args: argparse.Namespace) -> str:
+    """X.json's sentence on what arr_1 holds and how the conditions were drawn."""
+    scheme = settings["labels"]
+    if scheme == "uniform":
+        return "uniform at random per image from (seed, i)"
+    if scheme == "class-balanced":
+        return "class-balanced: image i has label i % num_classes"
+    if scheme == "memory":
+        return "memory: arr_1[i] = bank row gmem.snippet_index(seed, i, count), uniform over the bank"
+    return f"memory {interpolation_of(args).describe()}; arr_1[i] = a_i"
 
 
 def tf32_setting(args: argparse.Namespace) -> bool:
@@ -552,7 +623,7 @@ def start_parts(paths: OutPaths, settings: dict, chunks: list[tuple[int, int]], 
 
 
 def assemble(paths: OutPaths, chunks, settings: dict, args: argparse.Namespace, world: int, device: str,
-             total_new: int, seconds: float, log) -> None:
+             total_new: int, seconds: float, log, memory: dict | None = None) -> None:
     files = [chunk_files(paths.parts, s, e) for s, e in chunks]
     t0 = time.time()
     labels = write_npz(paths.npz, files, args.num_samples)
@@ -571,14 +642,16 @@ def assemble(paths: OutPaths, chunks, settings: dict, args: argparse.Namespace, 
         for (s, _), (img_path, _) in zip(chunks, files):
             save_pngs(paths.png, s, np.load(img_path, mmap_mode="r"))
 
-    counts = np.bincount(labels, minlength=settings["num_classes"])
+    if memory is None:
+        counts = np.bincount(labels, minlength=settings["num_classes"])
+        spread = dict(class_counts=dict(min=int(counts.min()), max=int(counts.max())))
+    else:  # arr_1 holds bank rows: how many distinct training items condition the set
+        spread = dict(memory=memory, distinct_rows=int(len(np.unique(labels))))
     rate = total_new / seconds if seconds > 0 and total_new else None
     _atomic_write_json(paths.json, dict(
         settings=settings, num_samples=args.num_samples, ckpt=os.path.abspath(args.ckpt),
         shape=[args.num_samples, *np.load(files[0][0], mmap_mode="r").shape[1:]],
-        class_counts=dict(min=int(counts.min()), max=int(counts.max())),
-        labels=("uniform at random per image from (seed, i)" if settings["labels"] == "uniform"
-                else "class-balanced: image i has label i % num_classes"),
+        **spread, labels=describe_labels(settings, args),
         world_size=world, device=device, per_proc_batch_size=args.per_proc_batch_size, chunk_size=args.chunk_size,
         images_generated_this_run=total_new, sampling_seconds=round(seconds, 3),
         images_per_second=None if rate is None else round(rate, 3), npz_seconds=round(npz_seconds, 3),

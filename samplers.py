@@ -5,6 +5,8 @@
 - `make_inputs`: per-image noise, labels and SDE generators from (seed, image index), so a
   sample set does not depend on how images are split over ranks and batches; `uniform_index`
   is the per-image draw behind the labels (reusable for any other per-image choice).
+- `memory_conditions`: GMem snippets per image for memory-conditioned models: image i's bank row
+  from (seed, i) (gmem.snippet_index), or snippets interpolated between two rows (`Interpolation`).
 - `decode`, `to_uint8`, `load_vae`, `save_grid`: latents -> pixels -> uint8 images -> PNG grid.
 - `setup_from_checkpoint` / `generate`: everything needed to go from a checkpoint to images,
   shared by sample_ddp.py and train.py's `--sample-every` grids.
@@ -17,6 +19,13 @@ by training, these samplers and the score conversion: a new path is added in los
 Score from velocity. Eliminating x from (x_t, v):  v = (alpha'/alpha) x_t + (sigma' - alpha' sigma/alpha) eps, so
     eps_hat = (alpha v - alpha' x_t) / (alpha sigma' - alpha' sigma),   score = -eps_hat / sigma.
 The denominator is 1 for the linear path and pi/2 for the cosine path (never zero).
+
+Guidance and the null condition: the unconditional half of a guided batch is the conditional
+batch with the model's `drop` mask set, so class and memory (GMem) models take the same path and
+get exactly the null condition training used (the class table's extra row; the memory model's
+learned null vector, never GMem's all-zeros snippet). For a class SiT this equals passing the
+null label num_classes, bit for bit. Models without a `drop` argument (foreign velocity fields)
+get the null label instead.
 
 Heun with a guidance interval: guidance is decided by the time of each model evaluation, so the
 predictor at t and the corrector at t_next of one step can differ (guided at one, not the other).
@@ -33,6 +42,7 @@ avoids evaluating the score at sigma = 0.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 from dataclasses import dataclass, field
@@ -42,12 +52,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import gmem
 import loss  # the one definition of the interpolation paths (path_coefficients, PATH_TYPES)
 
 MODES = ("ode", "sde")
 DEFAULT_STEPS = {"ode": 50, "sde": 250}  # REPA's defaults: 50-step ODE, 250-step SDE for FID
 SDE_LAST_T = 0.04  # REPA's SDE grid ends at 0.04, then one deterministic step to 0
 LABEL_STREAM = 1  # image_seed stream of the labels (stream 0: initial and SDE noise)
+PAIR_STREAM = 2  # image_seed stream of the second snippet of a random interpolation pair
 
 # A checkpoint without a data manifest (e.g. REPA's released SiT-XL/2) was trained on SD-VAE latents
 # of 256 px ImageNet with the usual 0.18215 scale and no shift, as in REPA's own sampler.
@@ -107,6 +119,16 @@ def _null_class(model: nn.Module) -> int:
     raise SampleError("cannot tell the model's null class for guidance: pass null_class")
 
 
+def _takes_drop(model: nn.Module) -> bool:
+    """Whether model(x, t, y, drop=mask) works: SiT's forward, or a wrapper (DDP, torch.compile)
+    that forwards keyword arguments."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "drop" or p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 # ----------------------------------------------------------------------------------------------
 # The sampler
 
@@ -134,9 +156,12 @@ def sample(
     path_type: one of loss.PATH_TYPES (the score conversion of the SDE depends on it).
     mode "sde": Euler-Maruyama, REPA form (module docstring); num_steps model evaluations.
     num_steps None = 250 for the SDE, 50 for the ODE.
+    labels: B int64 class labels, or B x D float snippets for a memory-conditioned SiT.
     Guidance: v = v_u + cfg_scale (v_c - v_u) on every channel, only at evaluation times t with
     guidance_low <= t <= guidance_high; cfg_scale == 1 never runs the unconditional pass. Both
-    halves go through one batched forward. null_class defaults to model.config.num_classes.
+    halves go through one batched forward; the unconditional half is the same conditions with the
+    model's drop mask set (module docstring). Only a model without a `drop` argument gets the null
+    label null_class (default model.config.num_classes) instead.
     Heun: the corrector (evaluated at t_next) is guided iff t_next is in the interval, not by the
     step's start time as in REPA's sampler (module docstring).
     generator (SDE noise): one generator for the batch, or one per image, which makes every
@@ -155,15 +180,22 @@ def sample(
     if not guidance_low <= guidance_high:
         raise SampleError(f"guidance interval [{guidance_low}, {guidance_high}] is empty: low must be <= high")
     check_path_type(path_type)
-    if noise.ndim != 4 or labels.shape != (noise.shape[0],):
-        raise SampleError(f"noise must be B x C x H x W and labels B, got {tuple(noise.shape)} and "
-                          f"{tuple(labels.shape)}")
+    snippets = labels.is_floating_point()
+    if noise.ndim != 4 or labels.shape[:1] != noise.shape[:1] or labels.ndim != (2 if snippets else 1):
+        raise SampleError(f"noise must be B x C x H x W and labels B (or snippets B x D), got {tuple(noise.shape)} "
+                          f"and {tuple(labels.shape)}")
     batch, device = noise.shape[0], noise.device
     per_image = generator is not None and not isinstance(generator, torch.Generator)
     if per_image and len(generator) != batch:
         raise SampleError(f"{len(generator)} per-image generators for a batch of {batch}")
     use_cfg = cfg_scale != 1.0
-    if use_cfg:
+    drop_cfg = None  # guided batches: conditional half, then the same conditions dropped to the null
+    if use_cfg and _takes_drop(model):
+        labels_cfg = torch.cat([labels, labels])
+        drop_cfg = torch.arange(2 * batch, device=device) >= batch
+    elif use_cfg:
+        if snippets:
+            raise SampleError("guidance on snippets needs a model that takes a drop mask (models.sit.SiT)")
         null = _null_class(model) if null_class is None else int(null_class)
         labels_cfg = torch.cat([labels, torch.full_like(labels, null)])
 
@@ -174,11 +206,12 @@ def sample(
         guided = use_cfg and guidance_low <= t <= guidance_high
         x_in, y_in = (torch.cat([x, x]), labels_cfg) if guided else (x, labels)
         t_in = torch.full((x_in.shape[0],), t, dtype=t_dtype, device=device)
+        kw = {"drop": drop_cfg} if guided and drop_cfg is not None else {}
         if autocast_dtype is not None:
             with torch.autocast(device_type=device.type, dtype=autocast_dtype):
-                out = model(x_in.to(dtype), t_in, y_in)
+                out = model(x_in.to(dtype), t_in, y_in, **kw)
         else:
-            out = model(x_in.to(dtype), t_in, y_in)
+            out = model(x_in.to(dtype), t_in, y_in, **kw)
         out = out.to(torch.float64)
         if not guided:
             return out
@@ -274,13 +307,99 @@ def make_inputs(
     (C x H x W standard normal, fp32), then, inside `sample`, the SDE noise of every step. Its
     label comes from draw_label (its own stream, so the label scheme does not change the noise).
     """
-    noises, labels, gens = [], [], []
+    noise, gens = make_noise(indices, seed=seed, latent_shape=latent_shape)
+    labels = [draw_label(seed, int(i), num_classes, class_balanced) for i in indices]
+    return noise, torch.tensor(labels, dtype=torch.int64), gens
+
+
+def make_noise(indices: Sequence[int], *, seed: int,
+               latent_shape: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """The noise half of make_inputs: image i's initial noise and its SDE generator (stream 0 of
+    (seed, i)), whatever conditions the images get."""
+    noises, gens = [], []
     for i in indices:
         g = torch.Generator(device="cpu").manual_seed(image_seed(seed, int(i)))
         noises.append(torch.randn(tuple(latent_shape), generator=g))
-        labels.append(draw_label(seed, int(i), num_classes, class_balanced))
         gens.append(g)
-    return torch.stack(noises), torch.tensor(labels, dtype=torch.int64), gens
+    return torch.stack(noises), gens
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory snippets (GMem)
+
+
+@dataclass(frozen=True)
+class Interpolation:
+    """New content from a memory-conditioned model: snippets between two bank rows, on the great
+    circle (gmem.slerp, renormalised), so the images belong to no single training item.
+
+    pair (a, b): image i of an N-image set (num_samples = N) gets weight i / (N - 1) from a (w = 0)
+    to b (w = 1): a path with both rows at its ends. pair None ("random"): image i gets the
+    midpoint (w = 0.5) of its own pair, a = its snippet in the plain set (gmem.snippet_index) and
+    b a second, different row from stream PAIR_STREAM of (seed, i), independent of N.
+    """
+
+    pair: tuple[int, int] | None
+    num_samples: int = 1
+
+    def describe(self) -> str:
+        if self.pair is None:
+            return "interpolate random: image i gets slerp(a_i, b_i, 0.5), a_i its snippet row, b_i another row " \
+                   "from (seed, i) (samplers.interpolation_rows)"
+        a, b = self.pair
+        return f"interpolate {a},{b}: image i gets slerp(row {a}, row {b}, i / (N - 1)), N = {self.num_samples}"
+
+
+def parse_interpolation(text: str, num_samples: int) -> Interpolation:
+    """--interpolate A,B (two bank rows) or --interpolate random."""
+    if text.strip() == "random":
+        return Interpolation(None, num_samples)
+    try:
+        a, b = (int(v) for v in text.split(","))
+    except ValueError:
+        raise SampleError(f"--interpolate {text!r} must be two bank rows A,B (e.g. 3,17) or 'random'") from None
+    if a == b or min(a, b) < 0:
+        raise SampleError(f"--interpolate {text!r} needs two different, non-negative bank rows")
+    return Interpolation((a, b), num_samples)
+
+
+def interpolation_rows(interp: Interpolation, indices: Sequence[int], seed: int,
+                       count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows a_i, b_i (int64) and weights w_i (float64) of images `indices` (see Interpolation)."""
+    indices = [int(i) for i in indices]
+    if interp.pair is not None:
+        for row in interp.pair:
+            if row >= count:
+                raise SampleError(f"--interpolate row {row} is outside the memory bank's 0..{count - 1}")
+        n = len(indices)
+        last = max(interp.num_samples - 1, 1)
+        return (np.full(n, interp.pair[0], dtype=np.int64), np.full(n, interp.pair[1], dtype=np.int64),
+                np.array([i / last for i in indices], dtype=np.float64))
+    if count < 2:
+        raise SampleError("--interpolate random needs a memory bank of at least 2 snippets")
+    a = gmem.snippet_indices(seed, indices, count)
+    # A different second row, uniform over the other count - 1 rows.
+    b = np.array([(a_i + 1 + uniform_index(seed, i, count - 1, PAIR_STREAM)) % count for a_i, i in zip(a, indices)],
+                 dtype=np.int64)
+    return a, b, np.full(len(indices), 0.5)
+
+
+def memory_conditions(memory: gmem.SnippetMemory, indices: Sequence[int], *, seed: int,
+                      interpolate: Interpolation | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """Snippets (B x D float32) of images `indices` and what arr_1 records for them (B int64).
+
+    Plain sets: image i gets bank row gmem.snippet_index(seed, i, count), uniform over the bank
+    and a function of (seed, i) only (like the labels of class models), recorded as is. With
+    `interpolate`, the snippet is slerp(row a_i, row b_i, w_i), renormalised, and a_i is recorded.
+    """
+    if interpolate is None:
+        rows = gmem.snippet_indices(seed, indices, len(memory))
+        return memory[rows], rows
+    a, b, w = interpolation_rows(interpolate, indices, seed, len(memory))
+    try:
+        return gmem.slerp(memory[a], memory[b], torch.from_numpy(w).float()), a
+    except ValueError as e:  # antipodal rows
+        raise SampleError(str(e)) from None
 
 
 def per_image_noise(generators: Sequence[torch.Generator], shape: Sequence[int],
@@ -412,6 +531,11 @@ class SamplingSetup:
     class_names: list[str] | None = None
     step: int | None = None
     notes: list[str] = field(default_factory=list)  # assumptions made for foreign checkpoints
+    memory: gmem.SnippetMemory | None = None  # the bank of a memory-conditioned (GMem) model
+
+    @property
+    def cond(self) -> str:
+        return "class" if self.memory is None else "memory"
 
 
 def _as_dict(args: Any) -> dict:
@@ -426,9 +550,13 @@ def setup_from_checkpoint(
     weights: str = "ema",
     config_overrides: dict[str, Any] | None = None,
     path_type: str | None = None,
+    memory: str | None = None,
     log: Callable[[str], Any] = print,
 ) -> SamplingSetup:
     """Build the model (eval mode, no grad, CPU) and read latent scale/shift, VAE, classes and path.
+
+    A memory-conditioned checkpoint also opens its bank (open_checkpoint_memory): `memory` is the
+    bank directory, by default the one the checkpoint recorded.
 
     Our checkpoints carry model_config, data (the manifest subset) and args. A foreign checkpoint
     (a bare REPA state dict, or a REPA training checkpoint) needs config_overrides with at least
@@ -489,9 +617,36 @@ def setup_from_checkpoint(
             notes.append("no path_type in the checkpoint: assuming the linear path")
     check_path_type(path_type)
     step = ckpt.get("step", ckpt.get("steps"))
+    bank = None
+    if getattr(cfg, "cond", "class") == "memory":
+        bank = open_checkpoint_memory(ckpt, cfg.memory_dim, memory)
+    elif memory is not None:
+        raise SampleError("--memory applies to memory-conditioned checkpoints; this one is class-conditional: "
+                          "drop --memory")
     return SamplingSetup(model=model, vae=vae, scale=scale, shift=shift, num_classes=int(cfg.num_classes),
                          path_type=path_type, latent_shape=model_shape, class_names=class_names,
-                         step=None if step is None else int(step), notes=notes)
+                         step=None if step is None else int(step), notes=notes, memory=bank)
+
+
+def open_checkpoint_memory(ckpt: dict[str, Any], memory_dim: int, path: str | None = None) -> gmem.SnippetMemory:
+    """The memory bank of a memory-conditioned checkpoint: `path`, or the one recorded in the
+    checkpoint. Refused (one line) when missing, of another dimension than the model's, or with
+    another fingerprint than the one the checkpoint was trained with (a bank moved elsewhere keeps
+    its fingerprint, so --memory may point at a copy)."""
+    recorded = ckpt.get("memory") or {}
+    if path is None:
+        path = recorded.get("path")
+        if path is None:
+            raise SampleError("the checkpoint is memory-conditioned but records no memory bank: pass --memory "
+                              "DATA_DIR/memory-NAME")
+        if not os.path.isfile(os.path.join(path, gmem.MEMORY_META)):
+            raise gmem.MemoryBankError(f"the checkpoint's memory bank {path!r} is missing (moved or deleted?): "
+                                       "pass --memory with its current location")
+    meta = gmem.read_memory_meta(path)
+    if int(meta["dim"]) != int(memory_dim):  # checked first: the clearer message when both differ
+        raise gmem.MemoryBankError(f"memory bank {path!r} holds {meta['dim']}-d snippets but the checkpoint's "
+                                   f"model takes {memory_dim}-d: pass --memory pointing at the bank it was trained with")
+    return gmem.open_memory(path, dim=memory_dim, fingerprint=recorded.get("fingerprint"))
 
 
 def generate(
@@ -509,30 +664,44 @@ def generate(
     guidance_high: float = 1.0,
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
+    interpolate: Interpolation | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images `indices` of the set defined by `seed`: (N x H x W x 3 uint8, N int64 labels).
 
     The one code path behind sample_ddp.py and training grids: image i is the same whichever
     batch it is generated in (up to the model's own floating-point batch dependence).
     `vae` is the loaded AutoencoderKL (load_vae(setup.vae, ...)) or None for pixel space.
+    A memory-conditioned setup draws snippets instead of labels (memory_conditions, optionally
+    `interpolate`d) and returns the bank rows in place of labels.
     """
     if device is None:
         device = next(setup.model.parameters()).device
-    noise, labels, gens = make_inputs(indices, seed=seed, latent_shape=setup.latent_shape,
-                                      num_classes=setup.num_classes, class_balanced=class_balanced)
-    z = sample(setup.model, noise.to(device), labels.to(device), mode=mode, num_steps=num_steps, heun=heun,
+    if setup.memory is None:
+        if interpolate is not None:
+            raise SampleError("--interpolate needs a memory-conditioned checkpoint; this one is class-conditional")
+        noise, labels, gens = make_inputs(indices, seed=seed, latent_shape=setup.latent_shape,
+                                          num_classes=setup.num_classes, class_balanced=class_balanced)
+        cond, record = labels, labels.numpy()
+    else:
+        if class_balanced:
+            raise SampleError("--class-balanced applies to class-conditional checkpoints; this one is conditioned "
+                              "on memory snippets (drawn per image from (seed, i)): drop the flag")
+        noise, gens = make_noise(indices, seed=seed, latent_shape=setup.latent_shape)
+        cond, record = memory_conditions(setup.memory, indices, seed=seed, interpolate=interpolate)
+    z = sample(setup.model, noise.to(device), cond.to(device), mode=mode, num_steps=num_steps, heun=heun,
                cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
                path_type=setup.path_type, generator=gens if mode == "sde" else None,
                null_class=setup.num_classes, autocast_dtype=autocast_dtype)
-    return to_uint8(decode(z, vae, setup.scale, setup.shift)), labels.numpy()
+    return to_uint8(decode(z, vae, setup.scale, setup.shift)), record
 
 
 def write_sample_grid(
     setup: SamplingSetup, vae: Any | None, path: str, *, num_images: int = 64, seed: int = 0,
     nrow: int | None = None, **sampler_kwargs: Any,
 ) -> np.ndarray:
-    """Sample images 0..num_images-1 of set `seed` (fixed noise and labels: grids from different
-    training steps are comparable) and save them as one PNG grid; returns the uint8 images."""
+    """Sample images 0..num_images-1 of set `seed` (fixed noise and labels, or snippets for memory
+    models: grids from different training steps are comparable) and save them as one PNG grid;
+    returns the uint8 images."""
     images, _ = generate(setup, vae, range(num_images), seed=seed, **sampler_kwargs)
     save_grid(images, path, nrow=nrow)
     return images

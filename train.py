@@ -727,14 +727,17 @@ def plot_loss_curve(run_dir: str) -> str | None:
 
 
 def make_sample_grid_fn(args, ema: SiT, manifest: dict, run_dir: str, device: torch.device):
-    """EMA sample grids with fixed noise and labels (images 0..63 of sample_ddp.py's set for
-    --seed), so grids from different steps are comparable; Heun ODE, no guidance."""
+    """EMA sample grids with fixed noise and labels, or snippets for --cond memory (images 0..63 of
+    sample_ddp.py's default set for --seed: the same bank rows), so grids from different steps are
+    comparable; Heun ODE, no guidance."""
     from samplers import SamplingSetup, load_vae, write_sample_grid
 
     scale, shift = latent_scale_shift(manifest)
+    # The run's own bank, as sample_ddp.py opens it from the checkpoint (same rows for a seed).
+    memory = open_dataset_memory(args.data_dir, args.memory) if ema.config.cond == "memory" else None
     setup = SamplingSetup(model=ema, vae=manifest["vae"], scale=scale.to(device), shift=shift.to(device),
                           num_classes=ema.config.num_classes, path_type=args.path_type,
-                          latent_shape=tuple(manifest["latent_shape"]))
+                          latent_shape=tuple(manifest["latent_shape"]), memory=memory)
     vae = load_vae(manifest["vae"], device)
 
     def grid(step: int) -> None:
