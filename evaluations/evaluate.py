@@ -2,8 +2,11 @@
 
     python -m evaluations.evaluate --ref VIRTUAL_imagenet256_labeled.npz --sample samples.npz   # from the repo
     python /path/to/repo/evaluations/evaluate.py --ref REF --sample SAMPLES.npz                  # from anywhere
+    # memorisation check: --ref holds held-out real images, --train-ref the training images
+    python -m evaluations.evaluate --ref HELDOUT --train-ref TRAIN --sample samples.npz --metrics fid,memorisation
 
-Prints a table and writes JSON (default: next to the samples, SAMPLES_metrics.json).
+Prints a table and writes JSON (default: next to the samples, SAMPLES_metrics.json); with memorisation,
+also a PNG of the closest (sample, training image) pairs next to the JSON (JSON_closest_pairs.png).
 Bad input, including an unwritable --out, exits with code 2 and one `error: ...` line before any work.
 """
 from __future__ import annotations
@@ -25,12 +28,13 @@ import types
 
 import torch
 
-from evaluations.api import METRICS, check_metrics, evaluate, evaluate_detailed
+from evaluations.api import METRICS, evaluate, evaluate_detailed, open_train_reference, resolve_metrics
 from evaluations.errors import EvaluationError, ImageDataError
 from evaluations.images import open_images
 from evaluations.inception import OFFLINE_ENV, WEIGHTS_ENV, load_inception
 
-LABELS = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall"}
+LABELS = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall",
+          "nn_median_ratio": "NN median ratio", "nn_close_share": "NN close share", "memorisation": "Memorisation"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ref", required=True, help="ADM reference batch .npz, statistics .npz, images .npz/.npy or image folder")
     p.add_argument("--sample", required=True, help="samples .npz (arr_0: uint8 N x H x W x 3), .npy or image folder")
     p.add_argument("--metrics", default=None,
-                   help=f"comma list from {','.join(METRICS)} (default: all; unavailable ones are skipped with a note)")
+                   help=f"comma list from {','.join(METRICS)} (default: all but memorisation, which --train-ref adds; "
+                        "unavailable ones are skipped with a note)")
+    p.add_argument("--train-ref", default=None,
+                   help="training images (folder, or .npz/.npy with arr_0) for the memorisation check; --ref is then "
+                        "the held-out real images")
     p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (default 64)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--inception-weights", default=None,
@@ -73,10 +81,16 @@ def check_writable(path: str) -> None:
         raise EvaluationError(f"cannot write {path}: {target} is not writable; pass --out PATH in a writable folder")
 
 
+def pairs_png_path(out: str) -> str:
+    """The closest-pairs PNG of the memorisation check sits next to the JSON report."""
+    return os.path.splitext(out)[0] + "_closest_pairs.png"
+
+
 def format_table(results: dict[str, float], skipped: dict[str, str]) -> str:
-    lines = [f"{'metric':<10} {'value':>10}", f"{'-' * 10} {'-' * 10}"]
-    lines += [f"{LABELS.get(k, k):<10} {v:>10.4f}" for k, v in results.items()]
-    lines += [f"{LABELS.get(k, k):<10} {'skipped':>10}  - {why}" for k, why in skipped.items()]
+    w = max([10] + [len(LABELS.get(k, k)) for k in [*results, *skipped]])
+    lines = [f"{'metric':<{w}} {'value':>10}", f"{'-' * w} {'-' * 10}"]
+    lines += [f"{LABELS.get(k, k):<{w}} {v:>10.4f}" for k, v in results.items()]
+    lines += [f"{LABELS.get(k, k):<{w}} {'skipped':>10}  - {why}" for k, why in skipped.items()]
     return "\n".join(lines)
 
 
@@ -85,18 +99,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
-        metrics = check_metrics(args.metrics.split(",")) if args.metrics else METRICS
+        metrics = resolve_metrics(args.metrics.split(",") if args.metrics else None, args.train_ref)
         out = args.out or default_json_path(args.sample)
         check_writable(out)
+        png = pairs_png_path(out) if "memorisation" in metrics else None
+        if png is not None:
+            check_writable(png)
         samples = open_images(args.sample, "samples")  # validate inputs before loading the network
         if not os.path.exists(args.ref):
             raise ImageDataError(f"{args.ref}: no such reference; give an ADM reference batch .npz, a statistics .npz or an image folder")
+        train = open_train_reference(args.train_ref, args.ref) if png is not None else None
         extractor = load_inception(args.inception_weights, args.device, allow_download=False if args.offline else None)
+        if png is not None:  # the PNG is written before the JSON: its folder must exist by then
+            os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
         start = time.time()
         results, skipped = evaluate_detailed(
             samples, args.ref, extractor, metrics,
             batch_size=args.batch_size, progress=not args.no_progress, cache_dir=args.cache_dir,
             skip_unavailable=args.metrics is None,  # metrics asked for by name must not vanish silently
+            train_ref=args.train_ref, pairs_png=png,
         )
     except EvaluationError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -111,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         "inception_weights_sha256": getattr(extractor, "weights_sha256", None),
         "batch_size": args.batch_size, "device": str(args.device), "seconds": round(time.time() - start, 1),
     }
+    if train is not None and "nn_median_ratio" in results:
+        report["memorisation"] = {"train_ref": args.train_ref, "num_train_images": len(train), "heldout_ref": args.ref,
+                                  "closest_pairs_png": png}
+        print(f"closest pairs: {png}")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:

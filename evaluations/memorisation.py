@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from evaluations.errors import ImageDataError, MetricInputError
-from evaluations.images import ImageSource, open_images
+from evaluations.images import ArrayImages, FolderImages, ImageSource, open_images, to_uint8
 from evaluations.inception import FeatureExtractor, compute_features
 
 HELDOUT_QUANTILE = 0.01  # "closer than the 1st percentile of held-out-to-train distances"
@@ -145,14 +145,22 @@ def _rgb(image: np.ndarray, name: str) -> np.ndarray:
 
 def gather_images(images: np.ndarray | Sequence[np.ndarray] | str | ImageSource, indices: Sequence[int],
                   batch_size: int = 256) -> dict[int, np.ndarray]:
-    """{index: image} for a few indices: direct indexing for arrays and lists, otherwise one streamed
-    pass over the .npz / folder / ImageSource that stops once every wanted image was seen."""
+    """{index: image} for a few indices: direct indexing for arrays, lists, .npy files and image folders
+    (only those images are read), otherwise one streamed pass over the .npz / ImageSource that stops
+    once every wanted image was seen."""
     wanted = {int(i) for i in indices}
     if isinstance(images, (np.ndarray, list, tuple)):
         return {i: np.asarray(images[i]) for i in wanted}
+    source = open_images(images)
+    if wanted and 0 <= min(wanted) and max(wanted) < len(source):
+        # Random access where the source has it: only the wanted images are read (.npy is memory-mapped).
+        if isinstance(source, ArrayImages):
+            return {i: to_uint8(np.asarray(source.array[i:i + 1]), source.name)[0] for i in wanted}
+        if isinstance(source, FolderImages):
+            return {i: source._load(source.files[i]) for i in wanted}
     found: dict[int, np.ndarray] = {}
     start = 0
-    for batch in open_images(images).iter_batches(batch_size):
+    for batch in source.iter_batches(batch_size):
         for i in wanted.intersection(range(start, start + len(batch))):
             found[i] = np.array(batch[i - start])
         start += len(batch)

@@ -699,3 +699,153 @@ def test_cli_script_full_run_from_another_directory(extractor, torchscript, weig
     report = json.loads((tmp_path / "sample_metrics.json").read_text())
     stats = [evaluations.feature_statistics(evaluations.compute_features(s[:4], extractor)["pool"]) for s in real_sets]
     assert report["metrics"]["fid"] == pytest.approx(evaluations.frechet_distance(*stats[1], *stats[0]), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Memorisation metric: evaluate(..., train_ref=...) and --train-ref (fake extractor, then the real network)
+
+
+def save_folder(folder, images: np.ndarray) -> list[str]:
+    from PIL import Image
+
+    folder.mkdir()
+    files = []
+    for i, im in enumerate(images):
+        files.append(str(folder / f"{i:03d}.png"))
+        Image.fromarray(im).save(files[-1])
+    return files
+
+
+def test_memorisation_metric_flags_copies_and_reads_only_shown_images(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from evaluations.images import FolderImages
+    from evaluations.memorisation import memorisation_stats
+
+    train = random_images(14, seed=1)
+    files = save_folder(tmp_path / "train", train)
+    np.savez(tmp_path / "heldout.npz", arr_0=random_images(10, seed=2))
+    picked = [3, 7, 9, 5, 10, 2, 11, 13, 4, 6]  # 10 copies (IS needs 10), never image 0
+    fake, cache, png = FakeExtractor(), str(tmp_path / "cache"), str(tmp_path / "pairs.png")
+    args = (str(tmp_path / "heldout.npz"), fake)
+    # metrics=None with a training reference: the default metrics plus memorisation.
+    scores = evaluations.evaluate(train[picked], *args, train_ref=str(tmp_path / "train"), pairs_png=png,
+                                  cache_dir=cache, batch_size=4)
+    assert set(scores) == {"fid", "sfid", "is", "precision", "recall", "nn_median_ratio", "nn_close_share"}
+    assert scores["nn_close_share"] == 1.0 and scores["nn_median_ratio"] == 0.0
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 300
+    # Second run: training features come from the cache (only the 10 samples go through the extractor, in
+    # 3 batches) and the PNG reads only the training files it shows (plus the first, to learn the size).
+    loaded = []
+    real_load = FolderImages._load
+    monkeypatch.setattr(FolderImages, "_load", staticmethod(lambda f: loaded.append(f) or real_load(f)))
+    fake.calls = 0
+    again = evaluations.evaluate(train[picked], *args, ["memorisation"], train_ref=str(tmp_path / "train"),
+                                 pairs_png=png, cache_dir=cache, batch_size=4)
+    assert again == {"nn_median_ratio": 0.0, "nn_close_share": 1.0} and fake.calls == 3
+    assert set(loaded) == {files[0]} | {files[i] for i in picked}
+    # Samples that are not copies: the numbers are memorisation_stats of (samples, train, held-out) features.
+    gen = random_images(8, seed=5)
+    scores = evaluations.evaluate(gen, *args, ["memorisation"], train_ref=train, cache_dir=cache)
+    pool = [evaluations.compute_features(x, fake)["pool"] for x in (gen, train, random_images(10, seed=2))]
+    expected = memorisation_stats(*pool).metrics()
+    assert scores == pytest.approx(expected, rel=1e-12) and 0 < scores["nn_median_ratio"]
+
+
+def test_memorisation_training_features_use_the_poisoning_safe_cache(tmp_path):
+    np.savez(tmp_path / "train.npz", arr_0=random_images(9, seed=1))
+    np.savez(tmp_path / "heldout.npz", arr_0=random_images(7, seed=2))
+    gen, cache = random_images(3, seed=3), str(tmp_path / "cache")
+    kw = dict(metrics=["memorisation"], train_ref=str(tmp_path / "train.npz"), cache_dir=cache, batch_size=3)
+    first = FakeExtractor(weights="a" * 64)
+    evaluations.evaluate(gen, str(tmp_path / "heldout.npz"), first, **kw)
+    assert first.calls == 3 + 3 + 1 and len(os.listdir(cache)) == 2  # train, held-out, samples; two caches
+    same = FakeExtractor(weights="a" * 64)
+    evaluations.evaluate(gen, str(tmp_path / "heldout.npz"), same, **kw)
+    assert same.calls == 1  # only the samples
+    other = FakeExtractor(weights="b" * 64)  # other weights: nothing of the first network is reused
+    evaluations.evaluate(gen, str(tmp_path / "heldout.npz"), other, **kw)
+    assert other.calls == 7 and len(os.listdir(cache)) == 4
+
+
+def test_memorisation_bad_inputs_fail_before_any_work(tmp_path):
+    np.savez(tmp_path / "heldout.npz", arr_0=random_images(6, seed=2))
+    np.savez(tmp_path / "one.npz", arr_0=random_images(1, seed=1))
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(12), sigma=np.eye(12))
+    heldout, gen, fake = str(tmp_path / "heldout.npz"), random_images(10), FakeExtractor()  # IS needs 10
+    cases = [
+        (dict(metrics=["memorisation"]), evaluations.EvaluationError, "memorisation needs a training reference"),
+        (dict(metrics=["fid"], train_ref=random_images(4)), evaluations.EvaluationError, "lack memorisation"),
+        (dict(train_ref=str(tmp_path / "nope")), ImageDataError, "nope: no such training reference"),
+        (dict(train_ref=str(tmp_path / "one.npz")), MetricInputError, "at least 2 training images, got 1"),
+        (dict(train_ref=random_images(1)), MetricInputError, "at least 2 training images, got 1"),
+        (dict(train_ref=heldout), evaluations.EvaluationError, "both the held-out reference and the training"),
+        (dict(train_ref=str(tmp_path / "stats.npz")), ImageDataError, r"training reference .*no array 'arr_0'"),
+    ]
+    for kw, error, message in cases:
+        with pytest.raises(error, match=message):
+            evaluations.evaluate(gen, heldout, fake, **kw)
+    assert fake.calls == 0
+    # A held-out reference without pool features: skipped with a warning, or an error when asked.
+    ref = {"mu": np.zeros(12), "sigma": np.eye(12)}
+    with pytest.warns(EvaluationWarning, match="memorisation skipped: the held-out reference has no images"):
+        assert evaluations.evaluate(gen, ref, fake, ["fid", "memorisation"], train_ref=random_images(3)).keys() == {"fid"}
+    with pytest.raises(MetricInputError, match="cannot compute memorisation"):
+        evaluations.evaluate(gen, ref, fake, ["memorisation"], train_ref=random_images(3), skip_unavailable=False)
+
+
+def test_cli_memorisation_report_png_and_errors(tmp_path, monkeypatch, capsys):
+    cli = importlib.import_module("evaluations.evaluate")
+    train = random_images(12, seed=1)
+    np.save(tmp_path / "train.npy", train)
+    np.savez(tmp_path / "heldout.npz", arr_0=random_images(8, seed=2))
+    np.savez(tmp_path / "sample.npz", arr_0=train[2:])  # 10 copies: enough for IS, which the default includes
+    np.savez(tmp_path / "one.npz", arr_0=train[:1])
+    fake = FakeExtractor(has_logits=False)
+    fake.source = "fake"
+    monkeypatch.setattr(cli, "load_inception", lambda *a, **k: fake)
+    base = ["--ref", str(tmp_path / "heldout.npz"), "--sample", str(tmp_path / "sample.npz"), "--no-progress",
+            "--cache-dir", str(tmp_path / "cache")]
+    out = tmp_path / "new" / "dir" / "m.json"
+    assert cli.main(base + ["--metrics", "fid,memorisation", "--train-ref", str(tmp_path / "train.npy"),
+                            "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "NN median ratio" in printed and "NN close share" in printed and "closest pairs:" in printed
+    report = json.loads(out.read_text())
+    assert report["metrics"]["nn_close_share"] == 1.0 and report["metrics"]["nn_median_ratio"] == 0.0
+    png = report["memorisation"]["closest_pairs_png"]
+    assert png == str(tmp_path / "new" / "dir" / "m_closest_pairs.png") and os.path.isfile(png)
+    assert report["memorisation"]["num_train_images"] == 12
+
+    def must_not_load(*a, **k):
+        raise AssertionError("loaded the network before checking the inputs")
+
+    monkeypatch.setattr(cli, "load_inception", must_not_load)
+    cases = {
+        ("--metrics", "memorisation"): "memorisation needs a training reference: pass the training images",
+        ("--train-ref", str(tmp_path / "missing")): "missing: no such training reference",
+        ("--train-ref", str(tmp_path / "one.npz")): "needs at least 2 training images, got 1",
+        ("--train-ref", str(tmp_path / "train.npy"), "--metrics", "fid"): "lack memorisation",
+        ("--train-ref", str(tmp_path / "heldout.npz")): "is both the held-out reference and the training reference",
+    }
+    for extra, message in cases.items():
+        assert cli.main(base + list(extra)) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_memorisation_with_the_real_network(extractor, real_sets, tmp_path):
+    """Fashion-MNIST: samples that copy training images are flagged in real Inception pool features."""
+    from PIL import Image
+
+    train, heldout = real_sets[0][:6], real_sets[1][:6]
+    np.savez(tmp_path / "train.npz", arr_0=train)
+    np.savez(tmp_path / "heldout.npz", arr_0=heldout)
+    gen = train[[4, 1]]
+    png = str(tmp_path / "pairs.png")
+    scores = evaluations.evaluate(gen, str(tmp_path / "heldout.npz"), extractor, ["memorisation"], train_ref=str(tmp_path / "train.npz"),
+                                  pairs_png=png, cache_dir=str(tmp_path / "cache"))
+    assert scores["nn_close_share"] == 1.0 and scores["nn_median_ratio"] < 1e-4
+    with Image.open(png) as im:
+        assert im.format == "PNG"
