@@ -104,7 +104,10 @@ class Config:
         self.times: list[float] = []
 
     def step(self, batch: tuple[torch.Tensor, ...], scale: torch.Tensor, shift: torch.Tensor) -> None:
-        train_step(self.module, self.opt, self.scaler, self.params, batch, self.args, scale, shift, self.amp_dtype)
+        _, nonfinite = train_step(self.module, self.opt, self.scaler, self.params, batch, self.args, scale, shift,
+                                  self.amp_dtype)
+        if nonfinite.any():  # a skipped step would be timed silently
+            raise SystemExit(f"error: a timed step was non-finite (input/loss/grad {nonfinite.tolist()})")
         update_ema(self.ema, self.sit, self.args.ema_decay)
 
 
