@@ -22,8 +22,10 @@ conditioning differs:
 FID-N against held-out test images as in benchmarks/convergence.py (EMA weights, Heun ODE, no guidance,
 sample seed 0; a memory model draws snippet i uniformly from the bank, from (seed, i)). At the last step,
 the memorisation check of evaluations/memorisation.py on Inception pool features: the FID sample set
-against the first --train-ref training images, with the FID's held-out images as the calibration set
-(closest-pairs PNG in OUT/<config>-s<seed>/closest_pairs.png). Each bank is also described by its mean
+against the first --train-ref training images plus the source images of the snippets drawn (the same
+set for every config), with the FID's held-out images as the calibration set; nn_is_source is the share
+of samples whose nearest training image is their own snippet's source (closest-pairs PNG in
+OUT/<config>-s<seed>/closest_pairs.png). Each bank is also described by its mean
 pairwise cosine and the 1-NN label agreement of its snippets (leave-one-out over --bank-probe items;
 chance is about 10 %): how much class information the memory carries.
 
@@ -47,6 +49,7 @@ CONFIGS = ("class", "memory-repulsor", "memory-random")
 DEMO_CKPT = "results/demo/checkpoints/0001600.pt"
 RANDOM_HEAD = dict(proj_dim=128, proj_hidden=512)  # the demo's Repulsor head: train.py's d, --proj-hidden 512
 BANK_PROBE_SEED = 0
+SAMPLE_SEED = 0  # demo.checkpoint_fid's default: image i of every FID set uses (0, i), its snippet too
 
 
 class BenchmarkError(ValueError):
@@ -217,8 +220,30 @@ def save_results(a: argparse.Namespace, results: dict) -> None:
     os.replace(f"{path}.tmp", path)
 
 
+def memorisation_reference(a: argparse.Namespace, train_dir: str) -> tuple[str, "np.ndarray", "np.ndarray"]:
+    """The training images the memorisation check searches: the first --train-ref, plus the source image
+    of every snippet the FID sets draw (the bank rows of sample seed 0), so a memory model that copies the
+    very image it was conditioned on is found even outside the subset. The same set for every config.
+    Returns (its .npz, the training item of each of its images, the source item of each generated image)."""
+    import numpy as np
+    import torch
+
+    from dataset import LatentDataset
+    from gmem import snippet_indices
+    from samplers import to_uint8
+
+    ds = LatentDataset(train_dir)
+    sources = snippet_indices(SAMPLE_SEED, range(a.fid_samples), len(ds))
+    rows = np.concatenate([np.arange(min(a.train_ref, len(ds))), np.unique(sources[sources >= a.train_ref])])
+    npz = os.path.join(a.data_root, f"fmnist-train-memref{a.train_ref}-{a.fid_samples}.npz")
+    if not os.path.isfile(npz):
+        np.savez(npz, arr_0=to_uint8(torch.stack([ds[int(i)][0] for i in rows]).float()))
+    return npz, rows, sources
+
+
 def run_all(a: argparse.Namespace, results: dict) -> None:
-    """Banks, then every (seed, config): train, FID at every eval step, memorisation at the last (cached)."""
+    """Banks; every (seed, config): train, FID at every eval step; then memorisation at the last step of
+    each run (after all FIDs, so a cut budget loses the memorisation numbers first). Everything cached."""
     import numpy as np
 
     import evaluations
@@ -235,43 +260,54 @@ def run_all(a: argparse.Namespace, results: dict) -> None:
     if not os.path.isfile(ref_npz):
         np.savez(ref_npz, arr_0=real_images(test_dir, a.fid_ref))
     ref = evaluations.reference_statistics(ref_npz, extractor, cache_dir=a.data_root, progress=True)
-    train_npz = os.path.join(a.data_root, f"fmnist-train-first{a.train_ref}.npz")
-    train_pool = None  # Inception features of the training subset: computed at the first memorisation check
 
-    last = a.steps
-    for seed in a.seeds:  # seed-major: with a cut budget, every config has its seed 0 first
-        for config in a.configs:
-            exp = f"{config}-s{seed}"
-            run([sys.executable, "train.py", "--data-dir", train_dir, "--results-dir", a.out, "--exp-name", exp,
-                 *MODEL_FLAGS, "--reg", "none", *cond_flags[config], "--seed", str(seed),
-                 "--global-batch-size", str(a.batch), "--lr", str(a.lr), "--max-steps", str(a.steps),
-                 "--ckpt-every", str(a.eval_every), "--log-every", "50", "--ema-warmup", "--num-workers", "0",
-                 "--device", "cpu", "--mixed-precision", "no"])
-            run_dir = os.path.join(a.out, exp)
-            for step in eval_steps(a):
-                key, memo_key = f"{exp}/{step}", f"{exp}/memorisation"
-                if key in results and (step != last or memo_key in results):
-                    continue
-                npz = os.path.join(run_dir, "fid_samples", f"{step:07d}.npz")
-                fid = checkpoint_fid(os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"), npz, ref, extractor,
-                                     a.fid_samples, a.sample_steps)
-                results[key] = {"kind": "fid", "config": config, "seed": seed, "step": step, "fid": fid}
-                save_results(a, results)
-                print(f"{key}: FID-{a.fid_samples} {fid:.2f}", flush=True)
-                if step == last:
-                    if train_pool is None:
-                        if not os.path.isfile(train_npz):
-                            np.savez(train_npz, arr_0=real_images(train_dir, a.train_ref))
-                        train_pool = evaluations.reference_statistics(train_npz, extractor, cache_dir=a.data_root,
-                                                                      progress=True)["pool"]
-                    gen_pool = evaluations.compute_features(npz, extractor, progress=True)["pool"]
-                    memo = memorisation_stats(gen_pool, train_pool, ref["pool"])
-                    save_closest_pairs(os.path.join(run_dir, "closest_pairs.png"), npz, train_npz, memo)
-                    results[memo_key] = {"kind": "memorisation", "config": config, "seed": seed, "step": step,
-                                         "train_images": a.train_ref, "samples": a.fid_samples, **memo.metrics()}
-                    save_results(a, results)
-                    print(f"{memo_key}: {memo.metrics()}", flush=True)
-                os.remove(npz)  # keep only the numbers (and the grid)
+    runs = [(seed, config) for seed in a.seeds for config in a.configs]  # seed-major: a cut run has seed 0
+    for seed, config in runs:  # phase 1: training and FIDs (the last step's samples are kept for phase 2)
+        exp = f"{config}-s{seed}"
+        run([sys.executable, "train.py", "--data-dir", train_dir, "--results-dir", a.out, "--exp-name", exp,
+             *MODEL_FLAGS, "--reg", "none", *cond_flags[config], "--seed", str(seed),
+             "--global-batch-size", str(a.batch), "--lr", str(a.lr), "--max-steps", str(a.steps),
+             "--ckpt-every", str(a.eval_every), "--log-every", "50", "--ema-warmup", "--num-workers", "0",
+             "--device", "cpu", "--mixed-precision", "no"])
+        for step in eval_steps(a):
+            key, npz = f"{exp}/{step}", sample_path(a, exp, step)
+            keep = step == a.steps and memo_key(exp, step) not in results
+            if key in results and (not keep or os.path.isfile(npz)):
+                continue
+            fid = checkpoint_fid(os.path.join(a.out, exp, "checkpoints", f"{step:07d}.pt"), npz, ref, extractor,
+                                 a.fid_samples, a.sample_steps)
+            results[key] = {"kind": "fid", "config": config, "seed": seed, "step": step, "fid": fid}
+            save_results(a, results)
+            print(f"{key}: FID-{a.fid_samples} {fid:.2f}", flush=True)
+            if not keep:
+                os.remove(npz)  # keep only the number (and the grid)
+
+    todo = [(seed, config) for seed, config in runs if memo_key(f"{config}-s{seed}", a.steps) not in results]
+    if not todo:
+        return
+    train_npz, train_rows, sources = memorisation_reference(a, train_dir)  # phase 2: memorisation
+    train_pool = evaluations.reference_statistics(train_npz, extractor, cache_dir=a.data_root, progress=True)["pool"]
+    for seed, config in todo:
+        exp = f"{config}-s{seed}"
+        npz = sample_path(a, exp, a.steps)
+        gen_pool = evaluations.compute_features(npz, extractor, progress=True)["pool"]
+        memo = memorisation_stats(gen_pool, train_pool, ref["pool"])
+        save_closest_pairs(os.path.join(a.out, exp, "closest_pairs.png"), npz, train_npz, memo)
+        results[memo_key(exp, a.steps)] = {
+            "kind": "memorisation", "config": config, "seed": seed, "step": a.steps, "train_images": len(train_rows),
+            "samples": a.fid_samples, **memo.metrics(),
+            "nn_is_source": float(np.mean(train_rows[memo.gen_index] == sources))}
+        save_results(a, results)
+        print(f"{memo_key(exp, a.steps)}: {results[memo_key(exp, a.steps)]}", flush=True)
+        os.remove(npz)
+
+
+def memo_key(exp: str, step: int) -> str:
+    return f"{exp}/memorisation-{step}"
+
+
+def sample_path(a: argparse.Namespace, exp: str, step: int) -> str:
+    return os.path.join(a.out, exp, "fid_samples", f"{step:07d}.npz")
 
 
 # ----------------------------------------------------------------------------- report
@@ -312,14 +348,16 @@ def report(a: argparse.Namespace, results: dict) -> str:
     memo = sorted((r for r in results.values() if r.get("kind") == "memorisation" and r["step"] == a.steps),
                   key=lambda r: r["seed"])
     if memo:
-        out += [f"Memorisation at step {a.steps} ({memo[0]['samples']} samples vs the first {memo[0]['train_images']} "
-                "training images, calibrated on the held-out images):", "",
-                "| config | nn_median_ratio | nn_close_share |", "|---|---|---|"]
+        out += [f"Memorisation at step {a.steps}: {memo[0]['samples']} samples vs {memo[0]['train_images']} training "
+                "images (the first --train-ref and the sources of the drawn snippets), calibrated on the held-out "
+                "images; nn_is_source: share of samples whose nearest training image is the one whose snippet "
+                "they were drawn with (for class: chance):", "",
+                "| config | nn_median_ratio | nn_close_share | nn_is_source |", "|---|---|---|---|"]
         for name in names:
             vals = [r for r in memo if r["config"] == name]
             if vals:
-                out.append(f"| {name} | {mean_spread([r['nn_median_ratio'] for r in vals], digits=3)} | "
-                           f"{mean_spread([r['nn_close_share'] for r in vals], digits=3)} |")
+                out.append("| " + " | ".join([name] + [mean_spread([r[k] for r in vals], digits=3) for k in
+                                                       ("nn_median_ratio", "nn_close_share", "nn_is_source")]) + " |")
         out.append("")
     banks = [results[f"bank/{n}"] for n in names if f"bank/{n}" in results]
     if banks:

@@ -75,11 +75,13 @@ def test_memory_report_tables_and_claim(tmp_path):
                    ("memory-repulsor", 0, 1200, 140.0), ("memory-repulsor", 1, 1200, 142.0),
                    ("memory-random", 0, 400, 210.0), ("memory-random", 0, 1200, 151.5),  # never below 151
                    ("class", 0, 2400, 90.0)]}  # beyond --steps: left out
-    results["memory-repulsor-s0/memorisation"] = {"kind": "memorisation", "config": "memory-repulsor", "seed": 0,
+    results["memory-repulsor-s0/memorisation-1200"] = {"kind": "memorisation", "config": "memory-repulsor", "seed": 0,
                                                   "step": 1200, "train_images": 5000, "samples": 250,
-                                                  "nn_median_ratio": 0.91, "nn_close_share": 0.012}
-    results["memory-repulsor-s1/memorisation"] = {**results["memory-repulsor-s0/memorisation"], "seed": 1,
-                                                  "nn_median_ratio": 0.95, "nn_close_share": 0.004}
+                                                  "nn_median_ratio": 0.91, "nn_close_share": 0.012,
+                                                  "nn_is_source": 0.1}
+    results["memory-repulsor-s1/memorisation-1200"] = {**results["memory-repulsor-s0/memorisation-1200"], "seed": 1,
+                                                  "nn_median_ratio": 0.95, "nn_close_share": 0.004,
+                                                  "nn_is_source": 0.0}
     results["bank/memory-random"] = {"kind": "bank", "config": "memory-random", "name": "random-sit-s0",
                                      "fingerprint": "f" * 16, "encoder": "x.pt", "dim": 128, "probe": 5000,
                                      "mean_cos": 0.97, "nn_label_acc": 0.6}
@@ -100,7 +102,7 @@ def test_memory_report_tables_and_claim(tmp_path):
     assert "class's final FID is 151.0 (step 1200, seed mean)" in text
     assert "- memory-repulsor: first reaches it at step 800 (0.67 of the baseline's steps)" in lines
     assert "- memory-random: does not reach it by step 1200" in lines
-    assert "| memory-repulsor | 0.930 ± 0.020 | 0.008 ± 0.004 |" in lines  # three decimals for the ratios
+    assert "| memory-repulsor | 0.930 ± 0.020 | 0.008 ± 0.004 | 0.050 ± 0.050 |" in lines  # three decimals
     assert "| memory-random | random-sit-s0 | 128 | 0.970 | 0.600 |" in lines
     assert os.path.isfile(os.path.join(out, "memory.png"))
 
