@@ -146,6 +146,8 @@ class MemoryEmbedder(nn.Module):
                              f"{snippets.dtype} {tuple(snippets.shape)}: pass the bank's rows (gmem.MemoryDataset)")
         emb = self.proj(snippets.to(self.proj.weight.dtype))
         drop = _cfg_drop(snippets.shape[0], snippets.device, train, self.dropout_prob, drop)
+        if drop is None and train:  # --cfg-prob 0: keep the null vector in the graph (zero gradient), since
+            drop = torch.zeros(snippets.shape[0], dtype=torch.bool, device=snippets.device)  # DDP needs every parameter used
         if drop is not None:
             emb = torch.where(drop[:, None], self.null_embedding.to(emb.dtype), emb)
         return emb

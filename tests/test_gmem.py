@@ -589,3 +589,14 @@ def test_memorisation_from_images_saves_the_closest_pairs(tmp_path):
     save_closest_pairs(str(tmp_path / "streamed.png"), str(tmp_path / "gen.npz"), str(tmp_path / "train.npz"), res, k=6)
     with pytest.raises(ImageDataError, match="image 40 is out of range"):
         gather_images(str(tmp_path / "train.npz"), [40])
+
+
+@pytest.mark.parametrize("cond, extra", [("memory", {"memory_dim": 6}), ("class", {})])
+def test_every_parameter_gets_a_gradient_without_label_dropout(cond, extra):
+    """DDP (find_unused_parameters=False) fails on a parameter that takes no part in the loss: with
+    --cfg-prob 0 the null vector must still be in the graph (with a zero gradient)."""
+    model = tiny_sit(cond=cond, class_dropout_prob=0.0, **extra).train()
+    y = torch.randn(4, 6) if cond == "memory" else torch.randint(0, 3, (4,))
+    model(torch.randn(4, 1, 8, 8), torch.rand(4), y).square().mean().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
