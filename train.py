@@ -195,11 +195,11 @@ class TrainModule(nn.Module):
 def update_ema(ema: nn.Module, model: nn.Module, decay: float, applied: torch.Tensor | None = None) -> None:
     """ema += (1 - decay) (model - ema); `applied` (0-d, 1 or 0) keeps the EMA still on a skipped step
     without a host sync."""
-    ema_params = list(ema.parameters())
-    weight = torch.tensor(1.0 - decay, device=ema_params[0].device)
-    if applied is not None:
-        weight = weight * applied
-    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], [weight] * len(ema_params))
+    ema_params, params = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    if applied is None:
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    else:  # a device tensor times a Python float: no host-to-device copy (which would sync the stream)
+        torch._foreach_lerp_(ema_params, params, [applied * (1.0 - decay)] * len(ema_params))
 
 
 def make_optimizer(params: list, args: argparse.Namespace) -> torch.optim.AdamW:

@@ -269,6 +269,20 @@ def check_paths(args: argparse.Namespace) -> None:
                         "output as a class folder; pass an --out outside the input folder")
 
 
+def refuse_other_settings(run_path: str, config: dict, error: type[DataError], elsewhere: str) -> None:
+    """An interrupted run's RUN_FILE resumes only with the same settings (shared with preprocessing/memory.py)."""
+    out = os.path.dirname(run_path)
+    try:
+        with open(run_path) as f:
+            old = json.load(f)["config"]
+    except (OSError, ValueError, KeyError):
+        raise error(f"{run_path} is unreadable: delete {out!r} (or pass {elsewhere}) and rerun") from None
+    diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+    if diff:
+        raise error(f"{out!r} holds a run with different settings ({', '.join(diff)} changed): pass the same "
+                    f"arguments to resume, or {elsewhere}")
+
+
 def check_output(out: str, config: dict, info: DistInfo) -> None:
     """Create --out, prove it writable, and refuse to mix with a run that used other settings."""
     try:
@@ -281,15 +295,7 @@ def check_output(out: str, config: dict, info: DistInfo) -> None:
         raise DataError(f"output directory {out!r} is not writable ({e.strerror or e}): pass a writable --out") from None
     run_path = os.path.join(out, RUN_FILE)
     if os.path.isfile(run_path):
-        try:
-            with open(run_path) as f:
-                old = json.load(f)["config"]
-        except (OSError, ValueError, KeyError):
-            raise DataError(f"{run_path} is unreadable: delete {out!r} (or pass another --out) and rerun") from None
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        if diff:
-            raise DataError(f"{out!r} holds a run with different settings ({', '.join(diff)} changed): pass the "
-                            "same arguments to resume, or a fresh --out")
+        refuse_other_settings(run_path, config, DataError, "a fresh --out")
     elif os.path.exists(os.path.join(out, MANIFEST)) or glob.glob(os.path.join(out, "shard-*")):
         raise DataError(f"{out!r} already holds a dataset not written by this encoder run: pass a fresh --out")
 

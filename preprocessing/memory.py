@@ -58,7 +58,7 @@ from dataset import DataError, LatentDataset, atomic_write_json, data_fingerprin
 from distributed import DistInfo, barrier, init_distributed
 from gmem import MemoryBankError
 from loss import Repulsor, default_reg_depth, interpolate
-from preprocessing.encode import resolve_dtype
+from preprocessing.encode import refuse_other_settings, resolve_dtype
 from preprocessing.images import FashionMNISTSource, ImageError, ImageFolderSource
 from samplers import image_seed
 
@@ -398,15 +398,7 @@ def check_output(out: str, config: dict, info: DistInfo) -> bool:
         return True
     run_path = os.path.join(out, RUN_FILE)
     if os.path.isfile(run_path):
-        try:
-            with open(run_path) as f:
-                old = json.load(f)["config"]
-        except (OSError, ValueError, KeyError):
-            raise MemoryBankError(f"{run_path} is unreadable: delete {out!r} and rerun") from None
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        if diff:
-            raise MemoryBankError(f"{out!r} holds a build with different settings ({', '.join(diff)} changed): pass "
-                                  "the same arguments to resume, or another --name")
+        refuse_other_settings(run_path, config, MemoryBankError, "another --name")
     elif os.listdir(out):
         raise MemoryBankError(f"{out!r} is not empty and holds no bank build: pass another --name or --out")
     return False
