@@ -88,7 +88,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--max-steps", type=int, default=400_000)
     g.add_argument("--mixed-precision", type=str, default="no", choices=["no", "bf16", "fp16"])
-    g.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on Ampere+ GPUs")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="allow TF32 in CUDA matmuls and convolutions (the same default as sample_ddp.py; "
+                        "--no-tf32 for true fp32; no effect on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the SiT")
     g.add_argument("--ema-decay", type=float, default=0.9999)
     g.add_argument("--max-skipped-steps", type=int, default=100,
@@ -545,9 +547,8 @@ def main(args: argparse.Namespace) -> None:
         raise TrainError(f"--global-batch-size {args.global_batch_size} is not divisible by world size {world} "
                          f"x --grad-accum-steps {args.grad_accum_steps}")
     micro_batch = args.global_batch_size // (world * args.grad_accum_steps)
-    if args.tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":  # set both ways: the process may have inherited either setting
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
 
     dataset = LatentDataset(args.data_dir)
     manifest = dataset.manifest

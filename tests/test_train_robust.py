@@ -345,3 +345,15 @@ def test_entry_points_start_from_any_working_directory(tmp_path, script):
     proc = subprocess.run([sys.executable, *cmd, "--help"], cwd=tmp_path, capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_flags_shared_with_sample_ddp_have_the_same_defaults():
+    """A flag both scripts take means the same by default; sample_ddp.py's None means 'the checkpoint's'."""
+    import sample_ddp
+
+    trained = vars(get_args(["--data-dir", "d"]))
+    sampled = vars(sample_ddp.build_parser().parse_args(["--ckpt", "c"]))
+    shared = set(trained) & set(sampled)
+    assert {"seed", "device", "tf32", "path_type", "model"} <= shared
+    differ = {k: (trained[k], sampled[k]) for k in shared if sampled[k] is not None and trained[k] != sampled[k]}
+    assert differ == {}
