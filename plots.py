@@ -76,3 +76,19 @@ def plot_fid_bars(values: dict[str, list[float]], out_path: str, title: str = "F
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+def plot_paired_vs_params(series: dict[str, tuple[list[float], list[float], list[float]]], out_path: str,
+                          title: str = "FID difference") -> str:
+    """Paired FID differences against model size: {label: (parameter counts, means, half-ranges)}."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, (xs, means, spreads) in series.items():
+        ax.errorbar(xs, means, yerr=spreads, marker="o", capsize=3, label=label)
+    ax.axhline(0.0, color="gray", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set(xlabel="SiT parameters", ylabel="FID minus plain SiT's (same seed)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

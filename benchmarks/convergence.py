@@ -4,6 +4,8 @@ and repulsor; FID at several step counts (fixed sample count, reference and samp
     python benchmarks/convergence.py                                  # main comparison, 1000 steps, 2 seeds
     python benchmarks/convergence.py --steps 3000 --eval-every 1000   # continue the same runs to 3000 steps
     python benchmarks/convergence.py --ablation --seeds 0             # Repulsor ablation, 1 seed
+    python benchmarks/convergence.py --study scale --widths 64 128    # none vs repulsor at several widths
+    python benchmarks/convergence.py --study pairs                    # the noise-pair positive (--noise-pairs)
 
 The README lists the exact commands behind its tables.
 
@@ -26,6 +28,8 @@ sys.path.insert(0, ROOT)
 from demo import checkpoint_fid, real_images, run  # noqa: E402
 
 # The demo's SiT (depth 6, width 128, patch 4 on 1x32x32 pixels): 5 steps/s at batch 32 on 2 cores.
+# A config's own flags come after these on the train.py command line, and argparse keeps the last
+# value, so a config may override the width (the scale study).
 MODEL = ["--model", "custom", "--depth", "6", "--hidden-size", "128", "--num-heads", "4", "--patch-size", "4"]
 MAIN = {
     "none": ["--reg", "none"],
@@ -52,6 +56,44 @@ ABLATION = {
     "repulsor-w0.5-tau0.5": [*R, "--reg-weight", "0.5", "--temperature", "0.5"],
 }
 
+# Scale study: --reg none vs repulsor (today's defaults) at several widths, depth 6, 4 heads, patch 4.
+# Width 128 is the demo's SiT, so its runs are the main comparison's "none" and "repulsor".
+SCALE_WIDTHS = (64, 128, 256)
+SCALE_REGS = ("none", "repulsor")
+
+
+def scale_config(width: int, reg: str) -> tuple[str, list[str]]:
+    name = reg if width == 128 else f"w{width}-{reg}"
+    return name, ([] if width == 128 else ["--hidden-size", str(width)]) + ["--reg", reg]
+
+
+# Noise pairs: each image twice in the batch (B/2 images at two independent times and noises).
+# "pairs-repulsor" makes the twin the InfoNCE positive; "pairs-none" is plain SiT on the same batches.
+PAIRS = {
+    "pairs-none": ["--reg", "none", "--noise-pairs"],
+    "pairs-repulsor": ["--reg", "repulsor", "--noise-pairs"],
+}
+STUDIES = ("main", "ablation", "scale", "pairs")
+
+
+def study_configs(a: argparse.Namespace) -> dict[str, list[str]]:
+    if a.study == "ablation":
+        return ABLATION
+    if a.study == "pairs":
+        return PAIRS
+    if a.study == "scale":
+        configs = dict(scale_config(w, reg) for w in a.widths for reg in SCALE_REGS)
+        if a.dispersive_width in a.widths:  # the issue's extra baseline at the largest width
+            configs.update([scale_config(a.dispersive_width, "dispersive")])
+        return configs
+    return MAIN
+
+
+def known_configs(a: argparse.Namespace) -> dict[str, list[str]]:
+    widths = sorted({*SCALE_WIDTHS, *a.widths})
+    scale = dict(scale_config(w, reg) for w in widths for reg in (*SCALE_REGS, "dispersive"))
+    return {**MAIN, **ABLATION, **PAIRS, **scale}
+
 
 def get_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,22 +106,33 @@ def get_args() -> argparse.Namespace:
     p.add_argument("--bank-size", type=int, default=1024, help="Repulsor K at this scale (32 global batches)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--configs", nargs="+", default=None, help="subset of config names to run")
-    p.add_argument("--ablation", action="store_true", help="run the Repulsor ablation instead of the main comparison")
+    p.add_argument("--study", default="main", choices=STUDIES,
+                   help="main comparison, Repulsor ablation, scale trend (--widths), or the noise-pair positive")
+    p.add_argument("--ablation", action="store_true", help="same as --study ablation")
+    p.add_argument("--widths", type=int, nargs="+", default=list(SCALE_WIDTHS), help="--study scale: SiT widths")
+    p.add_argument("--dispersive-width", type=int, default=max(SCALE_WIDTHS),
+                   help="--study scale: also run dispersive at this width (when it is in --widths)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from results.json")
     p.add_argument("--fid-samples", type=int, default=250)
     p.add_argument("--fid-ref", type=int, default=1000)
     p.add_argument("--sample-steps", type=int, default=25)
-    return p.parse_args()
+    a = p.parse_args()
+    if a.ablation:
+        a.study = "ablation"
+    if min(a.widths) < 4 or any(w % 4 for w in a.widths):
+        p.error(f"--widths {a.widths}: every width must be a positive multiple of the 4 heads")
+    return a
 
 
 def main() -> None:
     a = get_args()
-    configs = ABLATION if a.ablation else MAIN
+    configs = study_configs(a)
     if a.configs:
-        unknown = set(a.configs) - set(MAIN) - set(ABLATION)
+        known = known_configs(a)
+        unknown = set(a.configs) - set(known)
         if unknown:
-            raise SystemExit(f"error: unknown configs {sorted(unknown)}; known: {', '.join([*MAIN, *ABLATION])}")
-        configs = {k: v for k, v in {**MAIN, **ABLATION}.items() if k in a.configs}
+            raise SystemExit(f"error: unknown configs {sorted(unknown)}; known: {', '.join(known)}")
+        configs = {k: v for k, v in known.items() if k in a.configs}
     os.makedirs(a.out, exist_ok=True)
     results_path = os.path.join(a.out, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
@@ -159,25 +212,73 @@ def fid_tables(fid: dict[tuple[str, int, int], float], names: list[str], steps: 
     return lines, paired, means
 
 
+def sit_parameters(width: int) -> int:
+    """Parameter count of the benchmark's SiT (MODEL) at this width: what the scale study plots against."""
+    from models.sit import build_sit
+
+    sit = build_sit(None, depth=6, hidden_size=width, num_heads=4, patch_size=4, input_size=32, in_channels=1,
+                    num_classes=10)
+    return sum(p.numel() for p in sit.parameters())
+
+
+def scale_tables(fid: dict[tuple[str, int, int], float], widths: list[int], steps: list[int]
+                 ) -> tuple[list[str], dict[str, tuple[list[float], list[float], list[float]]]]:
+    """Rows of (regulariser minus none at the same width and seed) per width and step, and the plot
+    series {label: (parameter counts, mean differences, half-ranges)}, one per step for repulsor
+    and one for dispersive at the last step."""
+    lines = [f"| width | SiT parameters | regulariser | {' | '.join(f'step {s}' for s in steps)} |",
+             "|---|---|---|" + "---|" * len(steps)]
+    series: dict[str, tuple[list[float], list[float], list[float]]] = {}
+    for reg in ("repulsor", "dispersive"):
+        for w in widths:
+            name, base = scale_config(w, reg)[0], scale_config(w, "none")[0]
+            diffs = {s: [v - fid[base, seed, s] for (c, seed, step), v in sorted(fid.items())
+                         if c == name and step == s and (base, seed, s) in fid] for s in steps}
+            if not any(diffs.values()):
+                continue
+            n_params = sit_parameters(w)
+            cells = [mean_spread(d, signed=True) if d else "-" for d in diffs.values()]
+            lines.append(f"| {w} | {n_params / 1e6:.2f}M | {reg} | {' | '.join(cells)} |")
+            for s, d in diffs.items():
+                if d and (reg == "repulsor" or s == steps[-1]):
+                    xs, ms, hs = series.setdefault(f"{reg} - none, step {s}", ([], [], []))
+                    xs.append(n_params)
+                    ms.append(statistics.mean(d))
+                    hs.append(abs(d[0] - d[-1]) / 2 if len(d) == 2 else (statistics.stdev(d) if len(d) > 2 else 0.0))
+    return lines, series
+
+
 def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
-    """Tables: FID per config and step, and its difference to --reg none at the same seed
-    (fid_tables); one plot of the seed means."""
-    from plots import plot_fid_bars, plot_fid_curves
+    """Tables: FID per config and step, and its difference to the study's baseline at the same seed
+    (fid_tables: --reg none; pairs-none for the noise-pair study; none at the same width for the
+    scale study, scale_tables); one plot."""
+    from plots import plot_fid_bars, plot_fid_curves, plot_paired_vs_params
 
     # ablation rows beside the references: the baseline, the ablation's base and today's default
-    names = (["none", "repulsor-tau0.2", "repulsor"] if a.ablation else []) + list(configs)
+    names = {"ablation": ["none", "repulsor-tau0.2", "repulsor"], "pairs": ["none", "repulsor"]}.get(a.study, [])
+    names += [n for n in configs if n not in names]
+    baseline = "pairs-none" if a.study == "pairs" else "none"
     steps = sorted({r["step"] for r in results.values() if r["config"] in names and r["step"] <= a.steps})
     fid = {(r["config"], r["seed"], r["step"]): r["fid"] for r in results.values()}
-    lines, paired, means = fid_tables(fid, names, steps, "none")
+    lines, paired, means = fid_tables(fid, names, steps, baseline)
     curves = {n: (sorted(m), [m[s] for s in sorted(m)]) for n, m in means.items()}
-    table = "\n".join(lines) + "\n\nFID minus none's FID at the same seed:\n\n" + "\n".join(paired)
+    table = "\n".join(lines) + f"\n\nFID minus {baseline}'s FID at the same seed:\n\n" + "\n".join(paired)
+    if a.study == "scale":
+        rows, series = scale_tables(fid, sorted(a.widths), steps)
+        table += "\n\nFID minus none's FID at the same width and seed:\n\n" + "\n".join(rows)
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(table + "\n")
     seeds = sorted({seed for c, seed, _ in fid if c in names})
-    if a.ablation:  # many configs, one budget: bars at the last step read better than crossing curves
+    if a.study == "ablation":  # many configs, one budget: bars at the last step read better than crossing curves
         final = {n: [v for (c, _, step), v in sorted(fid.items()) if c == n and step == a.steps] for n in names}
         png = plot_fid_bars({n: v for n, v in final.items() if v}, os.path.join(a.out, "ablation.png"),
                             title=f"Repulsor ablation: FID-{a.fid_samples} at step {a.steps}")
+    elif a.study == "scale":
+        png = plot_paired_vs_params(series, os.path.join(a.out, "scale.png"),
+                                    title=f"FID-{a.fid_samples} difference to plain SiT (seeds {seeds})")
+    elif a.study == "pairs":
+        png = plot_fid_curves(curves, os.path.join(a.out, "pairs.png"),
+                              title=f"Noise pairs: FID-{a.fid_samples} (mean over seeds {seeds})")
     else:
         png = plot_fid_curves(curves, os.path.join(a.out, "convergence.png"),
                               title=f"FID-{a.fid_samples} (mean over seeds {seeds})")
