@@ -95,7 +95,14 @@ class Repulsor(Regulariser):
 
     Negatives: the other samples of the global batch and the filled part of the bank (no
     gradient). Subtracting log(#negatives) turns the sum into a log-mean-exp, so values are
-    comparable across bank sizes. The global batch is all-gathered ONCE per micro-step, with
+    comparable across bank sizes.
+
+    pairs=True (train.py --noise-pairs): each rank's micro-batch is [images, same images], every
+    image at two independent times and noises; the twin (row i + b/2 mod b on the same rank) is
+    the positive and the loss is InfoNCE, L_i = logsumexp_{n != i}(<z_i, n> / tau) - <z_i, z_twin> / tau,
+    over the twin, the rest of the global batch and the bank.
+
+    The global batch is all-gathered ONCE per micro-step, with
     gradient (distributed.all_gather_cat), so N ranks x b train exactly like 1 rank x N b;
     after the loss the same gathered batch is enqueued (after, so a sample never meets itself
     in the bank).
@@ -104,14 +111,14 @@ class Repulsor(Regulariser):
     def __init__(self, hidden_size: int, depth: int, proj_dim: int = 128, proj_hidden: int = 2048,
                  temperature: float = 0.5, bank_size: int = 65536, bank_dtype: str = "fp32",
                  global_batch: int = 256, pool: str = "mean", t_max: float = 1.0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", pairs: bool = False):
         super().__init__()
         if pool != "mean":
             raise ValueError(f"unknown pooling {pool!r}; only 'mean' is implemented")
         if global_batch < 2:
             raise ValueError(f"Repulsor needs a global batch (per micro-step) of at least 2, got {global_batch}: "
                              "the other samples of the batch are its first negatives")
-        self.depth, self.temperature, self.t_max = depth, temperature, t_max
+        self.depth, self.temperature, self.t_max, self.pairs = depth, temperature, t_max, pairs
         self.head = nn.Sequential(
             nn.Linear(hidden_size, proj_hidden), nn.SiLU(),
             nn.Linear(proj_hidden, proj_hidden), nn.SiLU(),
@@ -129,7 +136,7 @@ class Repulsor(Regulariser):
         else:  # the mask rides along as an extra column: still one all-gather
             gathered = all_gather_cat(torch.cat([z, _time_mask(t, self.t_max)[:, None]], dim=1))
             batch, mask = gathered[:, :-1], gathered[:, -1]
-        loss, logs = repulsor_loss(z, self.bank.negatives(), self.temperature, mask, batch=batch)
+        loss, logs = repulsor_loss(z, self.bank.negatives(), self.temperature, mask, batch=batch, pairs=self.pairs)
         self.bank.enqueue(batch.detach())
         logs["bank_fill"] = torch.tensor(self.bank.fill_fraction)
         return {"reg": loss, **logs}
@@ -143,7 +150,8 @@ class Repulsor(Regulariser):
 
 
 def repulsor_loss(z: torch.Tensor, bank: torch.Tensor, temperature: float, mask: torch.Tensor | None = None,
-                  batch: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  batch: torch.Tensor | None = None, pairs: bool = False
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Repulsor loss of this rank's unit vectors z (b x d, the anchors) against the global batch
     and `bank`. fp32 even under autocast.
 
@@ -152,6 +160,8 @@ def repulsor_loss(z: torch.Tensor, bank: torch.Tensor, temperature: float, mask:
     mask: anchor weights for the GLOBAL batch (length B, rank order; None = all ones). The
     value is sum_local(m l) * (B / b) / sum_global(m): its mean over ranks, what DDP optimises,
     is the masked mean over the global batch, as on one process holding all of it.
+    pairs: row i's positive is row (i + b/2) mod b of the same rank (see Repulsor); the term is
+    InfoNCE (the positive's logit subtracted) instead of the log-mean-exp over negatives.
     The batch and bank blocks get separate logsumexps joined by logaddexp: no concatenated
     b x (B + K) logits and one division by tau on z, not on the logits.
     """
@@ -159,6 +169,8 @@ def repulsor_loss(z: torch.Tensor, bank: torch.Tensor, temperature: float, mask:
         z = z.float()
         batch = all_gather_cat(z) if batch is None else batch.float()
         b, n = z.shape[0], batch.shape[0]
+        if pairs and b % 2:
+            raise ValueError(f"noise pairs need an even batch per rank and micro-step, got {b}")
         rank = dist.get_rank() if is_dist() else 0
         zt = z / temperature
         logits_batch = zt @ batch.T  # b x B
@@ -173,7 +185,13 @@ def repulsor_loss(z: torch.Tensor, bank: torch.Tensor, temperature: float, mask:
             lse = torch.logaddexp(lse, torch.logsumexp(logits_bank, dim=1))
             with torch.no_grad():
                 logs = {"bank_cos_mean": logits_bank.mean() * temperature, "bank_cos_max": logits_bank.max() * temperature}
-        per_sample = lse - math.log(n - 1 + bank.shape[0])
+        if pairs:
+            twin = rank * b + (cols[:b] + b // 2) % b  # column of each anchor's twin in the global batch
+            positive = logits_batch.gather(1, twin[:, None])[:, 0]
+            per_sample = lse - positive
+            logs["pair_cos"] = positive.detach().mean() * temperature
+        else:
+            per_sample = lse - math.log(n - 1 + bank.shape[0])
         if mask is None:
             return per_sample.mean(), logs
         mask = mask.to(z.device, torch.float32)
@@ -260,7 +278,8 @@ def _build_dispersive(args, hidden_size, depth, global_batch, device) -> Regular
 
 def _build_repulsor(args, hidden_size, depth, global_batch, device) -> Regulariser:
     return Repulsor(hidden_size, depth, args.proj_dim, args.proj_hidden, args.temperature, args.bank_size,
-                    args.bank_dtype, global_batch, args.reg_pool, args.reg_t_max, device)
+                    args.bank_dtype, global_batch, args.reg_pool, args.reg_t_max, device,
+                    pairs=args.noise_pairs)
 
 
 # name -> builder(args, hidden_size, depth_of_tap, global_batch_per_micro_step, device)

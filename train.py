@@ -45,7 +45,8 @@ class TrainError(RuntimeError):
 # Flags that define the objective or the data order (--seed and --grad-accum-steps decide the order and
 # the Repulsor's in-batch negatives): --resume refuses to change them (the regulariser's
 # only when one is used). A value a checkpoint did not record (None) is not checked.
-RESUME_MUST_MATCH = ("global_batch_size", "grad_accum_steps", "seed", "path_type", "time_sampling", "reg", "cond")
+RESUME_MUST_MATCH = ("global_batch_size", "grad_accum_steps", "seed", "path_type", "time_sampling", "reg", "cond",
+                     "noise_pairs")
 RESUME_MUST_MATCH_REG = ("reg_weight", "reg_depth", "reg_t_max", "temperature", "proj_dim", "proj_hidden", "bank_size",
                          "bank_dtype", "reg_pool", "disp_variant", "disp_margin")
 
@@ -102,6 +103,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("flow matching")
     g.add_argument("--path-type", type=str, default="linear", choices=PATH_TYPES)
     g.add_argument("--time-sampling", type=str, default="uniform", choices=TIME_SAMPLINGS)
+    g.add_argument("--noise-pairs", action="store_true",
+                   help="each image twice per batch, at two independent times and noises (so B/2 images per "
+                        "step); with --reg repulsor the twin is the InfoNCE positive")
     g = p.add_argument_group("regulariser")
     g.add_argument("--reg", type=str, default="none", choices=list(REGULARISERS))
     g.add_argument("--reg-weight", type=float, default=None,
@@ -172,6 +176,8 @@ def default_exp_name(args: argparse.Namespace) -> str:
         parts.append("qknorm")
     if args.cond == "memory":
         parts.append("memory" + (f"-{args.memory}" if args.memory else ""))
+    if args.noise_pairs:
+        parts.append("pairs")
     return "-".join(parts + [args.reg])
 
 
@@ -235,13 +241,16 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.G
     for i in range(accum):
         sl = slice(i * micro, (i + 1) * micro)
         x = sample_latents(mean[sl], std[sl], scale, shift)  # fresh posterior sample every step
+        y = labels[sl]
+        if args.noise_pairs:  # [images, same images]: one clean sample, two times and noises (loss.Repulsor)
+            x, y = torch.cat([x, x]), torch.cat([y, y])
         t = sample_time(x.shape[0], args.time_sampling, device)
         x_t, target = interpolate(args.path_type, x, torch.randn_like(x), t)
         # Gradients are all-reduced once, on the last micro-batch.
         sync = model.no_sync() if isinstance(model, DDP) and i < accum - 1 else nullcontext()
         with sync:
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                pred, reg_terms = model(x_t, t, labels[sl])
+                pred, reg_terms = model(x_t, t, y)
             terms = {"velocity": velocity_loss(pred, target), **{k: v.float() for k, v in reg_terms.items()}}
             terms["loss"] = terms["velocity"] + args.reg_weight * terms.get("reg", 0.0)
             scaler.scale(terms["loss"] / accum).backward()
@@ -543,9 +552,11 @@ def trim_metrics(run_dir: str, step: int) -> None:
 def main(args: argparse.Namespace) -> None:
     info = init_distributed(args.device)
     device, rank, world = info.device, info.rank, info.world_size
-    if args.global_batch_size % (world * args.grad_accum_steps):
+    per_image = 2 if args.noise_pairs else 1  # samples per image in a batch
+    if args.global_batch_size % (world * args.grad_accum_steps * per_image):
         raise TrainError(f"--global-batch-size {args.global_batch_size} is not divisible by world size {world} "
-                         f"x --grad-accum-steps {args.grad_accum_steps}")
+                         f"x --grad-accum-steps {args.grad_accum_steps}"
+                         + (" x 2 (--noise-pairs)" if args.noise_pairs else ""))
     micro_batch = args.global_batch_size // (world * args.grad_accum_steps)
     if device.type == "cuda":  # set both ways: the process may have inherited either setting
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
@@ -621,11 +632,14 @@ def main(args: argparse.Namespace) -> None:
         + (f" + regulariser {args.reg} {n_reg / 1e6:.2f}M (training only)" if args.reg != "none" else ""))
     log(f"data: {len(dataset)} items {c}x{h}x{w}, {num_classes} classes; global batch {args.global_batch_size} "
         f"= {world} x {args.grad_accum_steps} x {micro_batch}"
+        + (f" ({micro_batch // 2} images, each at 2 noise levels)" if args.noise_pairs else "")
         + (f"; conditioned on memory {memory.path} ({memory.dim}-d, {memory.meta['encoder']})" if memory else ""))
     tracker = make_tracker(args, run_dir) if info.is_main else None
 
-    sampler = DistributedEpochSampler(len(dataset), args.global_batch_size, world, rank, args.seed)
-    loader_kwargs = dict(batch_size=micro_batch * args.grad_accum_steps, drop_last=True, num_workers=args.num_workers,
+    # The sampler and loader count images; with --noise-pairs train_step doubles each micro-batch.
+    sampler = DistributedEpochSampler(len(dataset), args.global_batch_size // per_image, world, rank, args.seed)
+    loader_kwargs = dict(batch_size=micro_batch * args.grad_accum_steps // per_image, drop_last=True,
+                         num_workers=args.num_workers,
                          pin_memory=device.type == "cuda", persistent_workers=False,
                          # Own generator: a new loader iterator must not draw from the global RNG,
                          # or a resumed run (which starts one mid-epoch) would diverge.

@@ -7,7 +7,8 @@ Every rank
      global batch into a MemoryBank for several steps, past a wrap-around, and saves the bank
      after STEPS_PARTIAL and STEPS steps;
   2. computes `repulsor_loss` on its slice of a shared random global batch against a shared
-     bank, backpropagates through the differentiable gather, and saves the loss and the gradient;
+     bank, backpropagates through the differentiable gather, and saves the loss and the gradient
+     (also with pairs=True, the noise-pair positive);
   3. trains a DDP-wrapped TrainModule (tiny SiT + Repulsor) for DDP_STEPS micro-steps on its
      slice of a shared global batch, per configuration in DDP_CONFIGS, counting the Python-level
      all_gather / all_reduce calls, and saves the (DDP-averaged) gradients and the bank.
@@ -45,6 +46,9 @@ LOSS_BANK = 7
 LOSS_TAU = 0.3
 LOSS_SEED = 1234
 
+# repulsor_loss(pairs=True) check: each rank's rows are [images, same images]
+PAIR_LOCAL = 4
+
 # DDP check: 2 ranks x DDP_LOCAL vs 1 process x 2 DDP_LOCAL
 DDP_LOCAL = 3
 DDP_STEPS = 2  # the second step meets the first step's batch in the bank
@@ -68,6 +72,13 @@ def loss_inputs(world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bank = F.normalize(torch.randn(LOSS_BANK, LOSS_DIM, generator=g), dim=1)
     mask = torch.tensor([1.0, 0.0, 1.0] + [1.0] * (LOSS_LOCAL_BATCH * (world - 1)))  # unequal counts per rank
     return z, bank, mask
+
+
+def pair_inputs(world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same global batch (world blocks of PAIR_LOCAL rows) and bank on every rank (seeded)."""
+    g = torch.Generator().manual_seed(LOSS_SEED + 1)
+    z = F.normalize(torch.randn(world * PAIR_LOCAL, LOSS_DIM, generator=g), dim=1)
+    return z, F.normalize(torch.randn(LOSS_BANK, LOSS_DIM, generator=g), dim=1)
 
 
 def ddp_module(config: str) -> TrainModule:
@@ -153,6 +164,12 @@ def main(out_dir: str) -> None:
     loss_nomask, _ = repulsor_loss(local_full, neg_bank, LOSS_TAU)
     torch.save({"loss": loss.detach(), "grad": local.grad.clone(), "loss_nomask": loss_nomask.detach()},
                os.path.join(out_dir, f"loss_rank{rank}.pt"))
+
+    zp, bank_p = pair_inputs(world)
+    local = zp[rank * PAIR_LOCAL:(rank + 1) * PAIR_LOCAL].clone().requires_grad_(True)
+    loss, _ = repulsor_loss(local, bank_p, LOSS_TAU, pairs=True)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grad": local.grad.clone()}, os.path.join(out_dir, f"pairs_rank{rank}.pt"))
 
     for config in DDP_CONFIGS:
         run_ddp(config, rank, out_dir)

@@ -7,6 +7,7 @@ at a time), and one torchrun launch checks the two-rank gather / enqueue.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -143,6 +144,47 @@ def test_repulsor_loss_gradient_matches_reference_and_skips_the_bank():
     ref_repulsor(list(ref_z.unbind(0)), range(5), rows64(bank), tau).backward()
     torch.testing.assert_close(zz.grad.double(), ref_z.grad, rtol=1e-4, atol=1e-6)
     assert bank_leaf.grad is None
+
+
+def ref_pairs(rows: Sequence[torch.Tensor], anchors: Sequence[int], bank: Sequence[torch.Tensor], tau: float,
+              local: int, mask: Sequence[float] | None = None) -> torch.Tensor:
+    """InfoNCE with the noise twin as positive, one loop per sum: rows are the global batch in rank
+    blocks of `local` rows, each block [images, same images]; the twin of global row g is the row
+    half a block away in the same block."""
+    terms = []
+    for i in anchors:
+        block, j = divmod(i, local)
+        twin = block * local + (j + local // 2) % local
+        logits = [torch.dot(rows[i], other) / tau for k, other in enumerate(rows) if k != i]
+        logits += [torch.dot(rows[i], neg) / tau for neg in bank]
+        top = max(float(v.detach()) for v in logits)
+        lse = torch.log(sum(torch.exp(v - top) for v in logits)) + top
+        terms.append(lse - torch.dot(rows[i], rows[twin]) / tau)  # -log softmax of the positive
+    weights = [1.0] * len(terms) if mask is None else [float(mask[k]) for k in anchors]
+    return sum(w * v for w, v in zip(weights, terms)) / max(sum(weights), 1.0)
+
+
+@pytest.mark.parametrize("bank_rows", [0, 5])
+def test_repulsor_pairs_loss_is_infonce_with_the_twin_as_positive(bank_rows):
+    z, bank, tau = unit(6, 4, 6), unit(bank_rows, 4, 7), 0.3
+    zz = z.clone().requires_grad_(True)
+    loss, logs = repulsor_loss(zz, bank, tau, pairs=True)
+    loss.backward()
+    ref_z = z.double().requires_grad_(True)
+    ref = ref_pairs(list(ref_z.unbind(0)), range(6), rows64(bank), tau, local=6)
+    ref.backward()
+    assert close(loss, ref), (loss.item(), float(ref))
+    torch.testing.assert_close(zz.grad.double(), ref_z.grad, rtol=1e-4, atol=1e-6)
+    assert close(logs["pair_cos"], (z[:3] * z[3:]).sum(1).mean())  # rows i and i + 3 are twins
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    masked, _ = repulsor_loss(z, bank, tau, mask, pairs=True)
+    assert close(masked, ref_pairs(rows64(z), range(6), rows64(bank), tau, 6, mask.tolist()))
+    # A twin identical to its anchor and orthogonal to everything else: the positive dominates.
+    eye = torch.eye(4)
+    easy, _ = repulsor_loss(torch.cat([eye[:2], eye[:2]]), torch.empty(0, 4), 0.05, pairs=True)
+    assert float(easy) < 1e-6
+    with pytest.raises(ValueError, match="even batch per rank"):
+        repulsor_loss(unit(5, 4, 0), bank, tau, pairs=True)
 
 
 def small_repulsor(bank_steps: int = 3, global_batch: int = 4, hidden: int = 8, seed: int = 0, **kw) -> Repulsor:
@@ -450,6 +492,17 @@ def test_two_rank_bank_and_loss(two_rank_run):
     single, _ = repulsor_loss(z, bank, w.LOSS_TAU)  # one process holding the whole batch
     assert close(sum(per_rank_nomask) / 2, single)
 
+    # Noise pairs: each rank's twin sits half a block away in its OWN block (rank offset included).
+    zp, bank_p = w.pair_inputs(2)
+    zp64 = zp.double().requires_grad_(True)
+    pair_ref = ref_pairs(list(zp64.unbind(0)), range(len(zp)), rows64(bank_p), w.LOSS_TAU, w.PAIR_LOCAL)
+    pair_ref.backward()
+    got = [torch.load(tmp_path / f"pairs_rank{r}.pt") for r in range(2)]
+    assert close(sum(float(g["loss"]) for g in got) / 2, pair_ref)
+    for r, g in enumerate(got):
+        sl = slice(r * w.PAIR_LOCAL, (r + 1) * w.PAIR_LOCAL)
+        torch.testing.assert_close(g["grad"].double(), 2 * zp64.grad[sl], rtol=1e-4, atol=1e-7)
+
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
@@ -529,16 +582,20 @@ def runs(tmp_path_factory) -> dict:
     steps = ["--max-steps", str(STEPS), "--ckpt-every", str(STEPS)]
     rep = ["--reg", "repulsor", "--bank-size", BANK]
 
-    def resumed() -> None:
-        train(data, res, "rep_resumed", *rep, "--max-steps", str(HALF), "--ckpt-every", str(HALF))
-        train(data, res, "rep_resumed", *rep, *steps)  # --resume auto picks up step HALF
+    def resumed(name: str, *flags: str) -> None:
+        train(data, res, name, *flags, "--max-steps", str(HALF), "--ckpt-every", str(HALF))
+        train(data, res, name, *flags, *steps)  # --resume auto picks up step HALF
 
     jobs = {
         "none": lambda: train(data, res, "none", *steps),
         "rep_lambda0": lambda: train(data, res, "rep_lambda0", *rep, "--reg-weight", "0", *steps),
         "disp_lambda0": lambda: train(data, res, "disp_lambda0", "--reg", "dispersive", "--reg-weight", "0", *steps),
         "rep_straight": lambda: train(data, res, "rep_straight", *rep, *steps),
-        "rep_resumed": resumed,
+        "rep_resumed": lambda: resumed("rep_resumed", *rep),
+        "pairs_straight": lambda: train(data, res, "pairs_straight", *rep, "--noise-pairs", *steps),
+        "pairs_resumed": lambda: resumed("pairs_resumed", *rep, "--noise-pairs"),
+        "pairs_odd": lambda: train(data, res, "pairs_odd", "--noise-pairs", "--global-batch-size", "15", *steps,
+                                   check=False),
         "disp": lambda: train(data, res, "disp", "--reg", "dispersive", "--max-steps", "4", "--ckpt-every", "4"),
         "bad_bank": lambda: train(data, res, "bad_bank", "--reg", "repulsor", "--bank-size", "60", *steps, check=False),
     }
@@ -546,7 +603,7 @@ def runs(tmp_path_factory) -> dict:
         futures = {k: pool.submit(f) for k, f in jobs.items()}
         done = {k: f.result() for k, f in futures.items()}
     out = {k: os.path.join(res, k, "checkpoints", f"{4 if k == 'disp' else STEPS:07d}.pt") for k in jobs}
-    out["bad_bank"] = done["bad_bank"]
+    out["bad_bank"], out["pairs_odd"] = done["bad_bank"], done["pairs_odd"]
     return out
 
 
@@ -596,3 +653,52 @@ def test_train_rejects_bank_size_not_multiple_of_global_batch(runs):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "bank size 60" in lines[0] and "global batch 16" in lines[0]
+
+
+def test_noise_pairs_resume_exactly_and_count_images_per_step(runs):
+    """--noise-pairs: 8 images x 2 noise levels per step, so an epoch of 64 items is 8 steps (HALF
+    resumes mid-epoch); the twin positive trains, and a resumed run equals the straight one."""
+    straight, resumed = load_checkpoint(runs["pairs_straight"]), load_checkpoint(runs["pairs_resumed"])
+    assert straight["args"]["noise_pairs"] and straight["data_position"]["steps_per_epoch"] == 8
+    assert straight["reg_extra"]["bank"]["ptr"] == (STEPS * 16) % int(BANK)  # 16 projections a step
+    for key in ("model", "ema", "regulariser"):
+        assert_state_equal(straight[key], resumed[key], key)
+    assert torch.equal(straight["reg_extra"]["bank"]["queue"], resumed["reg_extra"]["bank"]["queue"])
+    rows = [json.loads(line) for line in open(os.path.join(os.path.dirname(os.path.dirname(runs["pairs_straight"])),
+                                                            "metrics.jsonl"))]
+    assert all("pair_cos" in r for r in rows)
+    proc = runs["pairs_odd"]
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --global-batch-size 15 is not divisible by world size 1 x --grad-accum-steps 1 x 2 (--noise-pairs)")
+
+
+def test_noise_pairs_step_sees_each_image_twice_at_independent_times_and_noises(monkeypatch):
+    import train as train_mod
+
+    seen = {}
+    original = train_mod.interpolate
+
+    def spy(path_type, x, noise, t):
+        seen.update(x=x.clone(), noise=noise.clone(), t=t.clone())
+        return original(path_type, x, noise, t)
+
+    monkeypatch.setattr(train_mod, "interpolate", spy)
+    args = get_args(["--data-dir", "unused", "--model", "custom", "--depth", "2", "--hidden-size", "32",
+                     "--num-heads", "2", "--patch-size", "4", "--global-batch-size", "8", "--noise-pairs"])
+    torch.manual_seed(0)
+    sit = build_sit(None, depth=2, hidden_size=32, num_heads=2, patch_size=4, input_size=8, in_channels=1,
+                    num_classes=3)
+    labels_seen = []
+    module = train_mod.TrainModule(sit, train_mod.Regulariser())
+    forward = module.forward
+    module.forward = lambda x_t, t, y: (labels_seen.append(y.clone()), forward(x_t, t, y))[1]
+    params = list(module.parameters())
+    opt = train_mod.make_optimizer(params, args)
+    batch = (torch.randn(4, 1, 8, 8), torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 2, 1]))
+    one, zero = torch.ones(1, 1, 1), torch.zeros(1, 1, 1)
+    train_mod.train_step(module, opt, torch.amp.GradScaler("cpu", enabled=False), params, batch, args, one, zero,
+                         None)
+    x, noise, t = seen["x"], seen["noise"], seen["t"]
+    assert x.shape[0] == 8 and torch.equal(x[:4], batch[0]) and torch.equal(x[4:], batch[0])
+    assert torch.equal(labels_seen[0], torch.tensor([0, 1, 2, 1, 0, 1, 2, 1]))
+    assert (noise[:4] - noise[4:]).abs().amin(dim=(1, 2, 3)).gt(0).all() and (t[:4] != t[4:]).all()
