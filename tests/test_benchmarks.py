@@ -51,6 +51,38 @@ def test_convergence_report_table_and_plots(tmp_path):
     assert "| config | step 500 | step 1000 | step 3000 |" in open(os.path.join(out, "table.md")).read()
 
 
+def test_convergence_scale_and_pairs_reports(tmp_path):
+    """Scale study: each regulariser minus none at the SAME width and seed, against the parameter count
+    (width 128 is the main comparison's none/repulsor); pairs study: paired with pairs-none."""
+    out = str(tmp_path)
+    _write_results(out, [
+        ("w64-none", 0, 500, 200.0), ("w64-none", 1, 500, 210.0),
+        ("w64-repulsor", 0, 500, 203.0), ("w64-repulsor", 1, 500, 211.0),  # +3, +1
+        ("none", 0, 500, 150.0), ("none", 1, 500, 152.0), ("repulsor", 0, 500, 149.0), ("repulsor", 1, 500, 149.0),
+        ("w256-none", 0, 500, 120.0), ("w256-dispersive", 0, 500, 126.0),  # no w256 repulsor: no row
+        ("pairs-none", 0, 500, 160.0), ("pairs-none", 1, 500, 162.0),
+        ("pairs-repulsor", 0, 500, 150.0), ("pairs-repulsor", 1, 500, 158.0),
+    ])
+    r = _report(out, "--study", "scale", "--steps", "500")
+    assert r.returncode == 0, r.stderr
+    text = open(os.path.join(out, "table.md")).read()
+    rows = text[text.index("FID minus none's FID at the same width and seed:"):].splitlines()
+    assert "| width | SiT parameters | regulariser | step 500 |" in rows
+    assert "| 64 | 0.48M | repulsor | +2.0 ± 1.0 |" in rows
+    assert "| 128 | 1.88M | repulsor | -2.0 ± 1.0 |" in rows
+    assert "| 256 | 7.39M | dispersive | +6.0 |" in rows
+    assert not any(row.startswith("| 256 |") and "repulsor" in row for row in rows)
+    assert os.path.isfile(os.path.join(out, "scale.png"))
+
+    r = _report(out, "--study", "pairs", "--steps", "500")
+    assert r.returncode == 0, r.stderr
+    table = open(os.path.join(out, "table.md")).read().splitlines()
+    assert [row.split(" |")[0] for row in table[2:6]] == ["| none", "| repulsor", "| pairs-none", "| pairs-repulsor"]
+    paired = table[table.index("FID minus pairs-none's FID at the same seed:"):]
+    assert "| pairs-repulsor | -7.0 ± 3.0 |" in paired and "| none | -10.0 ± 0.0 |" in paired
+    assert os.path.isfile(os.path.join(out, "pairs.png"))
+
+
 def test_convergence_unknown_config_is_a_clear_error(tmp_path):
     r = _report(str(tmp_path), "--configs", "repulsr")
     assert r.returncode != 0
