@@ -63,7 +63,7 @@ def test_convergence_scale_and_pairs_reports(tmp_path):
         ("pairs-none", 0, 500, 160.0), ("pairs-none", 1, 500, 162.0),
         ("pairs-repulsor", 0, 500, 150.0), ("pairs-repulsor", 1, 500, 158.0),
     ])
-    r = _report(out, "--study", "scale", "--steps", "500")
+    r = _report(out, "--study", "scale", "--steps", "500", "--widths", "64", "128", "256", "--dispersive-width", "256")
     assert r.returncode == 0, r.stderr
     text = open(os.path.join(out, "table.md")).read()
     rows = text[text.index("FID minus none's FID at the same width and seed:"):].splitlines()
