@@ -8,13 +8,17 @@ Layout of a dataset directory (written by preprocessing/ or `write_dataset`):
         mean.npy             float16, n x C x H x W   VAE posterior mean (or pixels in [-1, 1])
         std.npy              float16, n x C x H x W   VAE posterior std  (zeros for pixel data)
         label.npy            int64,   n               class index in [0, num_classes)
+        image.npy            uint8,   n x H x W x C   optional (encode.py --store-images): the ADM-cropped
+                                                      image the item was encoded from (mirrored for a
+                                                      flipped item); manifest: images true, image_shape
       shard-00001/ ...
 
 Training latent for one step:  z = (mean + std * eps - latent_shift) * latent_scale,
 with fresh eps every step (see `sample_latents`). Decoding inverts it: raw = z / scale + shift.
 The reader checks every .npy header up front and then reads single items with positioned
 reads, so ImageNet-size sets (about 21 GB) are never loaded whole into RAM, and each process
-keeps a few shard files open however many shards there are.
+keeps a few shard files open however many shards there are. Images are read only by a dataset
+opened with `with_images=True` (REPA's encoder needs them); otherwise not a byte of image.npy is read.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from torch.utils.data import Dataset, Sampler
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FIELDS = ("mean", "std", "label")
+IMAGE_FIELD = "image"  # optional per-item uint8 image (H x W x C), next to the latents
 
 
 class DataError(ValueError):
@@ -64,19 +69,27 @@ def shard_complete(data_dir: str, index: int) -> bool:
     return all(os.path.isfile(os.path.join(d, f"{f}.npy")) for f in FIELDS)
 
 
-def write_shard(data_dir: str, index: int, mean: np.ndarray, std: np.ndarray | None, labels: np.ndarray) -> str:
-    """Write one shard atomically: into a temporary directory, then one rename."""
+def write_shard(data_dir: str, index: int, mean: np.ndarray, std: np.ndarray | None, labels: np.ndarray,
+                images: np.ndarray | None = None) -> str:
+    """Write one shard atomically: into a temporary directory, then one rename. `images`
+    (uint8 n x H x W x C) adds image.npy, inside the same rename."""
     mean = np.asarray(mean, dtype=np.float16)
     std = np.zeros_like(mean) if std is None else np.asarray(std, dtype=np.float16)
     labels = np.asarray(labels, dtype=np.int64)
     if std.shape != mean.shape or labels.shape != (mean.shape[0],) or mean.ndim != 4:
         raise DataError(f"shard {index}: mean {mean.shape}, std {std.shape}, labels {labels.shape} do not "
                         "fit n x C x H x W, n x C x H x W, n")
+    arrays = [(name, arr) for name, arr in zip(FIELDS, (mean, std, labels))]
+    if images is not None:
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != mean.shape[0]:
+            raise DataError(f"shard {index}: images {images.dtype} {images.shape} do not fit uint8 n x H x W x C "
+                            f"with n = {mean.shape[0]}")
+        arrays.append((IMAGE_FIELD, np.ascontiguousarray(images)))
     final = os.path.join(data_dir, shard_name(index))
     tmp = os.path.join(data_dir, f".{shard_name(index)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    for name, arr in zip(FIELDS, (mean, std, labels)):
+    for name, arr in arrays:
         with open(os.path.join(tmp, f"{name}.npy"), "wb") as f:
             np.save(f, arr)
             f.flush()
@@ -145,6 +158,9 @@ def write_manifest(data_dir: str, manifest: dict) -> None:
                             f"expected {shard['count']}")
         _check_labels(path, labels, manifest["num_classes"], "fix the labels or num_classes, then write the "
                       "manifest again")
+        if manifest.get("images") and not os.path.isfile(os.path.join(data_dir, shard["name"], f"{IMAGE_FIELD}.npy")):
+            raise DataError(f"cannot write the manifest: it says the dataset has images but {shard['name']} in "
+                            f"{data_dir} has no {IMAGE_FIELD}.npy")
         if labels.size:
             lo = int(labels.min()) if lo is None else min(lo, int(labels.min()))
             hi = int(labels.max()) if hi is None else max(hi, int(labels.max()))
@@ -160,9 +176,11 @@ def write_dataset(
     *,
     num_classes: int,
     shard_size: int = 65536,
+    images: np.ndarray | None = None,
     **manifest_fields: Any,
 ) -> dict:
-    """Write in-memory arrays in the on-disk format (tests, demos, small datasets)."""
+    """Write in-memory arrays in the on-disk format (tests, demos, small datasets); `images`: uint8
+    n x H x W x C, item i's image (stored as image.npy, recorded in the manifest)."""
     os.makedirs(data_dir, exist_ok=True)
     n = len(mean)
     if n == 0:
@@ -170,12 +188,20 @@ def write_dataset(
     counts = []
     for i, start in enumerate(range(0, n, shard_size)):
         sl = slice(start, start + shard_size)
-        write_shard(data_dir, i, mean[sl], None if std is None else std[sl], labels[sl])
+        write_shard(data_dir, i, mean[sl], None if std is None else std[sl], labels[sl],
+                    None if images is None else images[sl])
         counts.append(len(labels[sl]))
+    if images is not None:
+        manifest_fields = dict(manifest_fields, **image_manifest_fields(images.shape[1:]))
     manifest = make_manifest(count=n, latent_shape=mean.shape[1:], num_classes=num_classes,
                              shard_counts=counts, **manifest_fields)
     write_manifest(data_dir, manifest)
     return manifest
+
+
+def image_manifest_fields(image_shape: Sequence[int]) -> dict:
+    """The manifest fields of a dataset that stores images (H x W x C uint8 per item)."""
+    return dict(images=True, image_shape=[int(s) for s in image_shape])
 
 
 def read_manifest(data_dir: str) -> dict:
@@ -201,6 +227,9 @@ def read_manifest(data_dir: str) -> dict:
 # Manifest fields that decide what a model trains on, in the order mismatches are reported.
 FINGERPRINT_FIELDS = ("count", "latent_shape", "num_classes", "source", "source_sha256", "flip", "vae",
                       "latent_scale", "latent_shift", "shards")
+# Recorded only when present (the image shape of a dataset with images), so the fingerprints and
+# hashes of datasets without images, and of the checkpoints trained on them, stay as they were.
+OPTIONAL_FINGERPRINT_FIELDS = ("images",)
 
 
 def data_fingerprint(manifest: dict) -> dict:
@@ -211,6 +240,8 @@ def data_fingerprint(manifest: dict) -> dict:
     """
     fp: dict[str, Any] = {k: manifest.get(k) for k in FINGERPRINT_FIELDS}
     fp["shards"] = [[s["name"], int(s["count"])] for s in manifest.get("shards", [])]
+    if manifest.get("images"):
+        fp["images"] = manifest.get("image_shape")
     # Round-trip through JSON so a fingerprint compares equal to its reloaded copy (tuples -> lists).
     fp = json.loads(json.dumps(fp, sort_keys=True))
     fp["hash"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
@@ -219,7 +250,7 @@ def data_fingerprint(manifest: dict) -> dict:
 
 def fingerprint_mismatch(a: dict, b: dict) -> str | None:
     """A short description of the first field where fingerprints a and b differ ("count 50 vs 60"), or None."""
-    for key in FINGERPRINT_FIELDS:
+    for key in FINGERPRINT_FIELDS + OPTIONAL_FINGERPRINT_FIELDS:
         x, y = a.get(key), b.get(key)
         if x == y:
             continue
@@ -294,7 +325,10 @@ def _open_field(path: str, count: int, want: tuple[int, ...] | None) -> _Field:
 
 
 class LatentDataset(Dataset):
-    """Random access into the shards; items are (mean, std, label) tensors.
+    """Random access into the shards; items are (mean, std, label) tensors, and with
+    `with_images=True` (mean, std, label, image), the image a uint8 H x W x C tensor (the stored
+    layout, as ADM's sample files; encoders.dinov2_inputs takes it). Without the option no image
+    file is opened or read.
 
     Items are read with os.preadv at offsets taken from the .npy headers, so nothing is loaded
     whole and no memory map exists. Open files are per process and bounded: an LRU of at most
@@ -305,10 +339,16 @@ class LatentDataset(Dataset):
 
     fields: tuple[str, ...] = FIELDS
 
-    def __init__(self, data_dir: str, max_open_shards: int = 8):
+    def __init__(self, data_dir: str, max_open_shards: int = 8, with_images: bool = False):
         self.data_dir = data_dir
         self.max_open_shards = max(1, int(max_open_shards))
         self.manifest = read_manifest(data_dir)
+        self.with_images = bool(with_images)
+        if self.with_images:
+            if not self.manifest.get("images"):
+                raise DataError(f"dataset {data_dir!r} has no images: re-run preprocessing/encode.py with "
+                                "--store-images (into a fresh --out)")
+            self.fields = self.fields + (IMAGE_FIELD,)
         shape = tuple(self.manifest["latent_shape"])
         self.latent_shape = shape
         self.num_classes = int(self.manifest["num_classes"])
@@ -318,6 +358,8 @@ class LatentDataset(Dataset):
             raise DataError(f"{data_dir}/manifest.json: shard counts add up to {self._starts[-1]}, "
                             f"not count {self.manifest['count']}: re-run preprocessing")
         want = {"mean": shape, "std": shape, "label": ()}
+        if self.with_images:
+            want[IMAGE_FIELD] = tuple(self.manifest["image_shape"])
         self._shards: list[tuple[_Field, ...]] = [
             tuple(_open_field(os.path.join(data_dir, shard["name"], f"{field}.npy"), n, want.get(field))
                   for field in self.fields)
@@ -327,6 +369,9 @@ class LatentDataset(Dataset):
             if fields[self._label].dtype.kind not in "iu":
                 raise DataError(f"shard file {fields[self._label].path} holds {fields[self._label].dtype} labels, "
                                 "not integers: re-run preprocessing to rewrite it")
+            if self.with_images and fields[-1].dtype != np.uint8:
+                raise DataError(f"shard file {fields[-1].path} holds {fields[-1].dtype} images, not uint8: "
+                                "re-run preprocessing to rewrite it")
         self.label_range = self._check_label_range()
         self._reset_open_files()
 
@@ -427,9 +472,12 @@ class LatentDataset(Dataset):
     def __len__(self) -> int:
         return self._starts[-1]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple:
         item = self.read_item(index)
-        return torch.from_numpy(item["mean"]), torch.from_numpy(item["std"]), int(item["label"])
+        out = torch.from_numpy(item["mean"]), torch.from_numpy(item["std"]), int(item["label"])
+        if self.with_images:
+            return (*out, torch.from_numpy(item[IMAGE_FIELD]))
+        return out
 
 
 class DistributedEpochSampler(Sampler[int]):

@@ -366,9 +366,9 @@ class MemoryDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mean, std, _ = self.base[index]
-        return mean, std, self.memory[int(index)]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        mean, std, _, *image = self.base[index]  # a base opened with images keeps its image last (REPA)
+        return (mean, std, self.memory[int(index)], *image)
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -43,8 +43,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dataset import (MANIFEST, DataError, atomic_write_json, make_manifest, shard_complete, shard_name,
-                     write_manifest, write_shard)
+from dataset import (MANIFEST, DataError, atomic_write_json, image_manifest_fields, make_manifest, shard_complete,
+                     shard_name, write_manifest, write_shard)
 from distributed import DistInfo, barrier, init_distributed
 from preprocessing.images import FashionMNISTSource, ImageError, ImageFolderSource
 
@@ -83,6 +83,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="override the manifest's latent_shift (default: the VAE's shift_factor or 0)")
     p.add_argument("--flip", action="store_true",
                    help="also store a horizontally flipped copy of every image (item 2k+1 mirrors item 2k)")
+    p.add_argument("--store-images", action="store_true",
+                   help="also keep each item's ADM-cropped uint8 image in its shard (image.npy; a flipped item "
+                        "gets the mirrored image): needed by train.py --reg repa, whose encoder sees pixels")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call, per rank")
     p.add_argument("--shard-size", type=int, default=0,
                    help=f"source images per shard; 0 = min({MAX_SHARD_SIZE}, what fits {SHARD_BYTES >> 20} MiB)")
@@ -305,6 +308,7 @@ def check_output(out: str, config: dict, info: DistInfo) -> None:
 def encode_shards(source: Any, encoder: Encoder, out: str, todo: list[int], shard_size: int,
                   latent_shape: tuple[int, ...], args: argparse.Namespace, info: DistInfo) -> int:
     """Encode this rank's unfinished shards; returns the number of source images read."""
+    image_shape = (args.resolution, args.resolution, source.channels)
     n = len(source)
     batches: list[list[int]] = []
     per_shard: list[int] = []
@@ -327,7 +331,7 @@ def encode_shards(source: Any, encoder: Encoder, out: str, todo: list[int], shar
     it = iter(loader)
     written = 0
     for shard, nb in zip(todo, per_shard):
-        means, stds, labels, skipped = [], [], [], []
+        means, stds, labels, pixels, skipped = [], [], [], [], []
         for _ in range(nb):
             images, labs, bad = next(it)
             for index, err in bad:
@@ -341,6 +345,8 @@ def encode_shards(source: Any, encoder: Encoder, out: str, todo: list[int], shar
                     mean = torch.stack([mean, fmean], 1).flatten(0, 1)
                     std = None if std is None else torch.stack([std, fstd], 1).flatten(0, 1)
                     lab = lab.repeat_interleave(2)
+                if args.store_images:  # the very pixels the latents came from, in item order
+                    pixels.append(torch.stack([images, images.flip(2)], 1).flatten(0, 1) if args.flip else images)
                 means.append(mean.half())
                 stds.append(None if std is None else std.half())
                 labels.append(lab)
@@ -349,8 +355,10 @@ def encode_shards(source: Any, encoder: Encoder, out: str, todo: list[int], shar
             mean = torch.cat(means).numpy()
             std = None if encoder.vae is None else torch.cat(stds).numpy()
             lab = torch.cat(labels).numpy()
+            image = torch.cat(pixels).numpy() if args.store_images else None
         else:  # every image of this shard was unreadable: an empty shard keeps the numbering
             mean, std, lab = np.zeros((0, *latent_shape), np.float16), None, np.zeros(0, np.int64)
+            image = np.zeros((0, *image_shape), np.uint8) if args.store_images else None
         if tuple(mean.shape[1:]) != tuple(latent_shape):
             raise DataError(f"encoder output {tuple(mean.shape[1:])} differs from the expected latent shape "
                             f"{tuple(latent_shape)}: check --resolution against the VAE")
@@ -359,7 +367,7 @@ def encode_shards(source: Any, encoder: Encoder, out: str, todo: list[int], shar
         meta = dict(shard=shard, start=start, end=end, count=int(len(lab)), images=end - start - len(skipped),
                     skipped=skipped, sum=s1, sumsq=s2, elements_per_channel=int(len(lab)) * math.prod(latent_shape[1:]))
         try:
-            write_shard(out, shard, mean, std, lab)
+            write_shard(out, shard, mean, std, lab, image)
             # The sidecar goes in after the rename: a shard without it is redone on resume.
             atomic_write_json(os.path.join(out, shard_name(shard), META_FILE), meta)
         except OSError as e:
@@ -440,7 +448,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
     scale = scale if args.latent_scale is None else args.latent_scale
     shift = shift if args.latent_shift is None else args.latent_shift
     copies = 2 if args.flip else 1
-    shard_size = args.shard_size or max(1, min(MAX_SHARD_SIZE, SHARD_BYTES // (4 * copies * math.prod(latent_shape))))
+    # Bytes an item holds in RAM while its shard is assembled: fp16 mean + std, and the uint8 image.
+    item_bytes = 4 * math.prod(latent_shape) + (args.resolution ** 2 * source.channels if args.store_images else 0)
+    shard_size = args.shard_size or max(1, min(MAX_SHARD_SIZE, SHARD_BYTES // (copies * item_bytes)))
     n = len(source)
     num_shards = math.ceil(n / shard_size)
 
@@ -449,6 +459,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
     config = dict(source=source.description, items=n, items_sha256=source.fingerprint(), resolution=args.resolution,
                   vae=vae_id, flip=args.flip, shard_size=shard_size, dtype=str(dtype).split(".")[-1],
                   latent_shape=list(latent_shape))  # not the batch size: resuming with a smaller one is fine
+    if args.store_images:  # only when set: an older run.json (no such key) still resumes without it
+        config["store_images"] = True
     out = args.out
     check_output(out, config, info)
     barrier()  # every rank checked the old run.json before rank 0 replaces it
@@ -478,6 +490,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
                  source_sha256=config["items_sha256"],
                  vae_config=None if vae is None else {k: v for k, v in dict(vae.config).items() if not k.startswith("_")},
                  ignored_files=list(getattr(source, "ignored", [])), argv=list(argv), args=vars(args))
+    if args.store_images:
+        extra.update(image_manifest_fields((args.resolution, args.resolution, source.channels)))
     if isinstance(source, FashionMNISTSource):
         extra["source_path"] = source.path
     manifest = finalize(out, num_shards, latent_shape, source, scale, shift, extra)

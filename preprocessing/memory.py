@@ -48,7 +48,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -56,16 +55,14 @@ import gmem
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from dataset import DataError, LatentDataset, atomic_write_json, data_fingerprint, latent_scale_shift, read_manifest
 from distributed import DistInfo, barrier, init_distributed
+from encoders import (DEFAULT_DINOV2, DINOV2_ARCH, IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401 (re-exported)
+                      dinov2_inputs, load_dinov2, looks_like_file)
 from gmem import MemoryBankError
 from loss import Repulsor, default_reg_depth, interpolate
 from preprocessing.encode import refuse_other_settings, resolve_dtype
 from preprocessing.images import FashionMNISTSource, ImageError, ImageFolderSource
 from samplers import image_seed
 
-DINOV2_ARCH = "vit_base_patch14_dinov2"
-DEFAULT_DINOV2 = "timm/vit_base_patch14_dinov2.lvd142m"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RUN_FILE = "run.json"      # settings of the build that owns the bank directory (resume guard)
 STOP_EXIT_CODE = 3         # --stop-after-chunks (simulated crash)
 
@@ -120,57 +117,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- dinov2
-
-def _looks_like_file(name: str) -> bool:
-    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.endswith(
-        (".pt", ".pth", ".bin", ".safetensors"))
-
-
-def load_dinov2(weights: str, image_size: int, config: dict | None = None, seed: int = 0) -> nn.Module:
-    """timm DINOv2 ViT (vit_base_patch14_dinov2 unless `config` overrides its size) at image_size.
-
-    weights: a hub id (needs network), a local file (timm or original DINOv2 layout; the position
-    embedding is resampled to image_size) or "random" (seeded, for tests and controls).
-    """
-    import timm
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    kwargs = dict(img_size=image_size, num_classes=0, **(config or {}))
-    try:
-        if weights == "random" or _looks_like_file(weights):
-            path = os.path.expanduser(weights)
-            if weights != "random" and not os.path.isfile(path):
-                raise DataError(f"DINOv2 weights file {weights!r} does not exist: pass a local .pth/.safetensors, "
-                                f"a hub id such as {DEFAULT_DINOV2}, or 'random'")
-            torch.manual_seed(seed)  # every rank builds the same random model
-            model = timm.create_model(DINOV2_ARCH, pretrained=False, **kwargs)
-            if weights != "random":
-                state = checkpoint_filter_fn(timm.models.load_state_dict(path), model)
-                model.load_state_dict(state, strict=True)
-        else:
-            name = weights if weights.startswith("hf-hub:") or "/" not in weights else f"hf-hub:{weights}"
-            model = timm.create_model(name, pretrained=True, **kwargs)
-    except DataError:
-        raise
-    except Exception as e:  # offline hub, wrong file, wrong architecture: one actionable line
-        msg = (str(e).strip().splitlines() or [""])[0][:300]
-        raise DataError(f"cannot load DINOv2 weights {weights!r} ({type(e).__name__}: {msg}): check the hub id and "
-                        "network access, or pass a local weights file of vit_base_patch14_dinov2") from None
-    return model.eval().requires_grad_(False)
-
-
-def dinov2_inputs(images: torch.Tensor, image_size: int) -> torch.Tensor:
-    """uint8 B x H x W x C (C = 1 or 3) -> fp32 B x 3 x S x S: /255, ImageNet mean/std, bicubic to S."""
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)  # grey into an RGB encoder: replicate
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
-    if x.shape[-1] != image_size or x.shape[-2] != image_size:
-        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False)
-    return x
-
 
 def source_from_manifest(manifest: dict, data_path: str | None) -> Any:
     """The image source a dataset was encoded from (encode.py's arguments in its manifest)."""
@@ -237,7 +183,7 @@ class DinoEncoder:
         self.device, self.dtype, self.image_size = device, dtype, args.image_size
         self.dim = int(self.model.num_features)
         weights = args.dinov2_weights
-        self.encoder_id = os.path.abspath(os.path.expanduser(weights)) if _looks_like_file(weights) else weights
+        self.encoder_id = os.path.abspath(os.path.expanduser(weights)) if looks_like_file(weights) else weights
         self.settings = dict(arch=DINOV2_ARCH, config=config, image_size=args.image_size, resize="bicubic",
                              mean=IMAGENET_MEAN, std=IMAGENET_STD, token="class (after final norm)",
                              crop="adm center crop at the dataset resolution", resolution=self.source.resolution,
