@@ -1,4 +1,4 @@
-"""Flow-matching loss and the representation regularisers (Repulsor, Dispersive).
+"""Flow-matching loss and the representation regularisers (Repulsor, Dispersive, REPA).
 
 Time convention, everywhere in this repository: t = 0 is data, t = 1 is noise.
     linear path:  x_t = (1 - t) x + t eps,                      v = eps - x
@@ -6,13 +6,17 @@ Time convention, everywhere in this repository: t = 0 is data, t = 1 is noise.
 The network predicts v. Loss math runs in fp32 even under autocast.
 
 Regularisers plug into ONE seam of the training step: `train.py` asks the SiT for the hidden
-state after block `reg.depth` and calls `reg(hidden, t)`, which returns a dict of named terms
-with the differentiable value under "reg"; total loss = velocity + reg_weight * terms["reg"].
+state after block `reg.depth` and calls `reg(hidden, t, images)`, which returns a dict of named
+terms with the differentiable value under "reg"; total loss = velocity + reg_weight * terms["reg"].
+`images` (uint8 B x H x W x C) is passed only to a regulariser with `needs_images` (REPA): the
+dataset then also returns each item's stored image, and nobody else reads image bytes.
 To add a regulariser, subclass `Regulariser` and register it in `REGULARISERS`.
 """
 from __future__ import annotations
 
+import json
 import math
+import re
 from typing import Callable
 
 import torch
@@ -21,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distributed import all_gather_cat, is_dist
+from encoders import dinov2_inputs, encoder_identity, load_dinov2, looks_like_file, patch_tokens
 from memory_bank import MemoryBank
 
 PATH_TYPES = ("linear", "cosine")  # with path_coefficients: the only definition of the paths (samplers use it)
@@ -69,11 +74,14 @@ def velocity_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- regularisers
 class Regulariser(nn.Module):
-    """Base class: `depth` names the block whose output it needs (1-based); None = none."""
+    """Base class: `depth` names the block whose output it needs (1-based); None = none.
+    `needs_images`: the regulariser reads each item's image (train.py then loads and passes them)."""
 
     depth: int | None = None
+    needs_images: bool = False
 
-    def forward(self, hidden: torch.Tensor | None, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor | None, t: torch.Tensor,
+                images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return {}
 
     def extra_state(self) -> dict:  # non-parameter state to checkpoint (e.g. the bank)
@@ -129,7 +137,8 @@ class Repulsor(Regulariser):
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(hidden.mean(dim=1)).float(), dim=-1)
 
-    def forward(self, hidden: torch.Tensor | None, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor | None, t: torch.Tensor,
+                images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         z = self.project(hidden)
         if self.t_max >= 1:  # t < 1 always: keep every anchor, gather z alone
             batch, mask = all_gather_cat(z), None
@@ -220,7 +229,8 @@ class Dispersive(Regulariser):
             raise ValueError(f"unknown dispersive variant {variant!r}; choose one of {', '.join(self.VARIANTS)}")
         self.depth, self.variant, self.temperature, self.margin, self.t_max = depth, variant, temperature, margin, t_max
 
-    def forward(self, hidden: torch.Tensor | None, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor | None, t: torch.Tensor,
+                images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         z = hidden.reshape(hidden.shape[0], -1).float()
         if self.t_max < 1:  # ablation only: boolean indexing syncs with the host; t < 1 always, so
             z = z[t <= self.t_max]  # the default t_max 1 decides in Python and never syncs
@@ -257,9 +267,92 @@ def _dispersive_fp32(z: torch.Tensor, variant: str, temperature: float, margin: 
     raise ValueError(f"unknown dispersive variant {variant!r}")
 
 
+class REPA(Regulariser):
+    """REPA (Yu et al., 2025): align the SiT's tokens after block `depth`, through a per-token MLP
+    projector (hidden -> 2048 -> SiLU -> 2048 -> SiLU -> z_dim), with the patch tokens of a frozen
+    pretrained encoder (DINOv2 ViT-B/14) on the clean image:
+
+        L = mean over samples and tokens of -cos(projector(h_n), y_n)
+
+    The encoder runs frozen, in eval mode, without gradient, under the caller's autocast. It is
+    deliberately NOT a submodule: it stays outside state_dict (the checkpoint records only its id
+    and hash, through train.py's arguments), DDP's parameters, the optimizer, the EMA and the
+    training module's `.to()` / `.train()`. Its input: encoders.dinov2_inputs at `image_size`.
+    """
+
+    needs_images = True
+
+    def __init__(self, hidden_size: int, depth: int, encoder: nn.Module, image_size: int,
+                 proj_hidden: int = 2048, t_max: float = 1.0):
+        super().__init__()
+        self.depth, self.image_size, self.t_max = depth, image_size, t_max
+        self.z_dim = int(encoder.num_features)
+        self.projector = nn.Sequential(
+            nn.Linear(hidden_size, proj_hidden), nn.SiLU(),
+            nn.Linear(proj_hidden, proj_hidden), nn.SiLU(),
+            nn.Linear(proj_hidden, self.z_dim),
+        )
+        for m in self.projector:  # REPA initialises every Linear of its SiT (projectors included) this way
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        object.__setattr__(self, "encoder", encoder.eval().requires_grad_(False))  # unregistered on purpose
+
+    @torch.no_grad()
+    def targets(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 B x H x W x C images -> the encoder's patch tokens, B x N x z_dim (no gradient)."""
+        return patch_tokens(self.encoder, dinov2_inputs(images, self.image_size))
+
+    def forward(self, hidden: torch.Tensor | None, t: torch.Tensor,
+                images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if images is None:
+            raise ValueError("REPA needs each item's image: open the dataset with images (train.py does so for "
+                             "--reg repa)")
+        target = self.targets(images)
+        mask = _time_mask(t, self.t_max) if self.t_max < 1 else None
+        return {"reg": repa_loss(self.projector(hidden), target, mask)}
+
+
+def repa_loss(z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over samples and tokens of -cos(z, target), for z and target B x N x D, in fp32 (also under
+    autocast). mask (B, 0 or 1): the mean over the kept samples of this rank (all samples: None)."""
+    if z.shape != target.shape:
+        raise ValueError(f"REPA: projected tokens {tuple(z.shape)} and encoder targets {tuple(target.shape)} differ")
+    with torch.autocast(z.device.type, enabled=False):
+        cos = (F.normalize(z.float(), dim=-1) * F.normalize(target.float(), dim=-1)).sum(-1)  # B x N
+        per_sample = -cos.mean(1)
+        if mask is None:
+            return per_sample.mean()
+        mask = mask.float()
+        return (per_sample * mask).sum() / mask.sum().clamp(min=1)
+
+
+def repa_image_size(resolution: int, patch: int, sit_tokens: int, override: int | None = None) -> int:
+    """The encoder's input size, so that it has as many patch tokens as the SiT.
+
+    REPA's rule: 224 * (R // 256) for DINOv2-B/14, i.e. one encoder patch per 16 image pixels
+    (patch * R / 16), when R is a multiple of 256: 256 px -> 224 (16 x 16 = 256 tokens, as SiT-x/2
+    on 32 x 32 latents), 512 px -> 448 (1024 tokens; the position embedding is resampled at load).
+    Other resolutions (e.g. small pixel-space data): patch x the SiT's grid side. `override`
+    (--repa-image-size) replaces the rule. A token count that differs from the SiT's is refused.
+    """
+    grid = math.isqrt(sit_tokens)
+    if override:
+        size, why = override, "--repa-image-size"
+    elif resolution % 256 == 0:
+        size, why = patch * resolution // 16, f"REPA's size for {resolution} px images"
+    else:
+        size, why = patch * grid, f"patch {patch} x the SiT's grid side {grid}"
+    if size % patch or (size // patch) ** 2 != sit_tokens:
+        raise ValueError(f"REPA's encoder would see {(size // patch) ** 2} patch tokens ({size} px, {why}) but the SiT "
+                         f"has {sit_tokens}: train SiT-x/2 on an f8 VAE's latents, or pass --repa-image-size "
+                         f"{patch * grid} (= {patch} x {grid}) to resize the encoder's input to the SiT's grid")
+    return size
+
+
 def default_reg_depth(reg: str, model_name: str | None, depth: int) -> int:
-    """Repulsor: block 4 for SiT-S/B, 8 for SiT-L/XL (REPA's choice), depth // 3 for custom sizes.
-    Dispersive: depth // 4 (the paper's default)."""
+    """Repulsor and REPA: block 4 for SiT-S/B, 8 for SiT-L/XL (REPA's choice), depth // 3 for custom
+    sizes. Dispersive: depth // 4 (the paper's default)."""
     if reg == "dispersive":
         return max(1, depth // 4)
     if model_name is not None:
@@ -268,33 +361,71 @@ def default_reg_depth(reg: str, model_name: str | None, depth: int) -> int:
     return max(1, depth // 3)
 
 
-def _build_none(args, hidden_size, depth, global_batch, device) -> Regulariser:
+def _build_none(args, hidden_size, depth, global_batch, device, **_) -> Regulariser:
     return Regulariser()
 
 
-def _build_dispersive(args, hidden_size, depth, global_batch, device) -> Regulariser:
+def _build_dispersive(args, hidden_size, depth, global_batch, device, **_) -> Regulariser:
     return Dispersive(depth, args.disp_variant, args.temperature, args.disp_margin, args.reg_t_max)
 
 
-def _build_repulsor(args, hidden_size, depth, global_batch, device) -> Regulariser:
+def _build_repulsor(args, hidden_size, depth, global_batch, device, **_) -> Regulariser:
     return Repulsor(hidden_size, depth, args.proj_dim, args.proj_hidden, args.temperature, args.bank_size,
                     args.bank_dtype, global_batch, args.reg_pool, args.reg_t_max, device,
                     pairs=args.noise_pairs)
 
 
-# name -> builder(args, hidden_size, depth_of_tap, global_batch_per_micro_step, device)
+def _build_repa(args, hidden_size, depth, global_batch, device, tokens=None, image_shape=None) -> Regulariser:
+    """REPA with the encoder of --repa-encoder (hub id, local file or 'random'). Records the encoder's
+    id and hash, and the resolved input size, in `args` (so config.json and checkpoints carry them
+    and a resume with another encoder is refused)."""
+    if tokens is None or image_shape is None:
+        raise ValueError("REPA needs the SiT's token count and the data's image shape (build_regulariser's "
+                         "tokens= and image_shape=)")
+    try:
+        config = json.loads(args.repa_encoder_config) if args.repa_encoder_config else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--repa-encoder-config is not valid JSON ({e}): pass e.g. '{{\"depth\": 1}}'") from None
+    hub = args.repa_encoder != "random" and not looks_like_file(args.repa_encoder)
+    found = re.search(r"patch(\d+)", args.repa_encoder) if hub else None  # e.g. vit_base_patch14_dinov2
+    patch = int(config.get("patch_size") or (found.group(1) if found else 14))  # files: DINOv2's arch, 14
+    size = repa_image_size(int(image_shape[0]), patch, tokens, args.repa_image_size)
+    args.repa_encoder_id, args.repa_encoder_hash = encoder_identity(args.repa_encoder, args.seed)
+    encoder = load_dinov2(args.repa_encoder, size, config, args.seed).to(device)
+    if tuple(encoder.patch_embed.grid_size) != (size // patch,) * 2:
+        raise ValueError(f"encoder {args.repa_encoder!r} has patch {encoder.patch_embed.patch_size[0]}, not "
+                         f"{patch}: set \"patch_size\" in --repa-encoder-config")
+    args.repa_image_size = size
+    return REPA(hidden_size, depth, encoder, size, args.proj_hidden, args.reg_t_max)
+
+
+# name -> builder(args, hidden_size, depth_of_tap, global_batch_per_micro_step, device, tokens=, image_shape=)
+# (tokens: the SiT's token count; image_shape: the data's stored H x W x C images, or None)
 REGULARISERS: dict[str, Callable[..., Regulariser]] = {
     "none": _build_none,
     "dispersive": _build_dispersive,
     "repulsor": _build_repulsor,
+    "repa": _build_repa,
 }
+_build_repa.needs_images = REPA.needs_images  # read by needs_images() before anything is built
+
+
+def needs_images(name: str) -> bool:
+    """Whether --reg NAME reads each item's image: train.py then opens the dataset with images (and
+    refuses data without them) before building anything; every other run reads no image bytes."""
+    return bool(getattr(REGULARISERS.get(name), "needs_images", False))
 
 
 def build_regulariser(args, model_name: str | None, hidden_size: int, model_depth: int,
-                      global_batch: int, device: torch.device | str) -> Regulariser:
+                      global_batch: int, device: torch.device | str, tokens: int | None = None,
+                      image_shape: tuple[int, ...] | None = None) -> Regulariser:
     if args.reg not in REGULARISERS:
         raise ValueError(f"unknown regulariser {args.reg!r}; choose one of {', '.join(REGULARISERS)}")
     depth = args.reg_depth if args.reg_depth is not None else default_reg_depth(args.reg, model_name, model_depth)
     if args.reg != "none" and not 1 <= depth <= model_depth:
         raise ValueError(f"--reg-depth {depth} is outside 1..{model_depth} for this model")
-    return REGULARISERS[args.reg](args, hidden_size, depth, global_batch, device)
+    reg = REGULARISERS[args.reg](args, hidden_size, depth, global_batch, device, tokens=tokens,
+                                 image_shape=image_shape)
+    if reg.needs_images != needs_images(args.reg):
+        raise ValueError(f"the builder of {args.reg!r} and its regulariser disagree on needs_images")
+    return reg

@@ -32,8 +32,9 @@ from dataset import (DataError, DistributedEpochSampler, LatentDataset, atomic_w
                      fingerprint_mismatch, latent_scale_shift, sample_latents)
 from distributed import barrier, cleanup, init_distributed, is_dist
 from gmem import MemoryBankError, MemoryDataset, SnippetMemory, open_dataset_memory
+from encoders import DEFAULT_DINOV2
 from loss import (PATH_TYPES, REGULARISERS, TIME_SAMPLINGS, Dispersive, Regulariser, build_regulariser, interpolate,
-                  sample_time, velocity_loss)
+                  needs_images, sample_time, velocity_loss)
 from memory_bank import BANK_DTYPES
 from models.sit import SiT, SiT_models, build_sit, load_sit_state_dict
 
@@ -48,7 +49,8 @@ class TrainError(RuntimeError):
 RESUME_MUST_MATCH = ("global_batch_size", "grad_accum_steps", "seed", "path_type", "time_sampling", "reg", "cond",
                      "noise_pairs")
 RESUME_MUST_MATCH_REG = ("reg_weight", "reg_depth", "reg_t_max", "temperature", "proj_dim", "proj_hidden", "bank_size",
-                         "bank_dtype", "reg_pool", "disp_variant", "disp_margin")
+                         "bank_dtype", "reg_pool", "disp_variant", "disp_margin", "repa_encoder_hash",
+                         "repa_encoder_config", "repa_image_size")
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,19 +111,30 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("regulariser")
     g.add_argument("--reg", type=str, default="none", choices=list(REGULARISERS))
     g.add_argument("--reg-weight", type=float, default=None,
-                   help="lambda (default: repulsor 0.1, see the README's ablation; dispersive 0.5, the paper's)")
+                   help="lambda (default: repulsor 0.1, see the README's ablation; dispersive 0.5, the paper's; "
+                        "repa 0.5, REPA's)")
     g.add_argument("--reg-depth", type=int, default=None,
-                   help="block whose output is regularised, 1-based (default: repulsor 4 for S/B, 8 for L/XL, "
-                        "depth // 3 custom; dispersive depth // 4)")
+                   help="block whose output is regularised, 1-based (default: repulsor and repa 4 for S/B, 8 for "
+                        "L/XL, depth // 3 custom; dispersive depth // 4)")
     g.add_argument("--reg-t-max", type=float, default=1.0, help="ablation: apply the term only where t <= this")
     g.add_argument("--temperature", type=float, default=0.5, help="tau (repulsor and dispersive)")
     g.add_argument("--proj-dim", type=int, default=128, help="repulsor: projection width d")
-    g.add_argument("--proj-hidden", type=int, default=2048, help="repulsor: head MLP width")
+    g.add_argument("--proj-hidden", type=int, default=2048, help="repulsor: head MLP width; repa: projector width")
     g.add_argument("--bank-size", type=int, default=65536, help="repulsor: memory bank K (0 = in-batch only)")
     g.add_argument("--bank-dtype", type=str, default="fp32", choices=list(BANK_DTYPES))
     g.add_argument("--reg-pool", type=str, default="mean", choices=["mean"], help="repulsor: token pooling")
     g.add_argument("--disp-variant", type=str, default="infonce_l2", choices=Dispersive.VARIANTS)
     g.add_argument("--disp-margin", type=float, default=1.0, help="dispersive hinge margin")
+    g.add_argument("--repa-encoder", type=str, default=DEFAULT_DINOV2,
+                   help="repa: frozen DINOv2 encoder: timm hub id, local weights file, or 'random' (a control)")
+    g.add_argument("--repa-encoder-config", type=str, default=None,
+                   help="repa: JSON of timm.create_model overrides, e.g. a tiny test ViT "
+                        "'{\"embed_dim\": 32, \"depth\": 1, \"num_heads\": 2}'")
+    g.add_argument("--repa-image-size", type=int, default=None,
+                   help="repa: encoder input size (default: REPA's 224 * R / 256 for R px images, R a multiple of "
+                        "256; else encoder patch x the SiT's grid side); its tokens must equal the SiT's")
+    # Filled in by the REPA builder (loss._build_repa) and recorded with the run: the encoder's identity.
+    p.set_defaults(repa_encoder_id=None, repa_encoder_hash=None)
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--num-workers", type=int, default=4)
     g.add_argument("--log-every", type=int, default=100)
@@ -159,7 +172,7 @@ def validate_args(args: argparse.Namespace) -> None:
                ("adam_beta2", 0 <= args.adam_beta2 < 1, "must be in [0, 1)"),
                ("reg_t_max", 0 < args.reg_t_max <= 1, "must be in (0, 1]")]
     checks += [(f, getattr(args, f) is None or getattr(args, f) >= 1, "must be at least 1")
-               for f in ("depth", "hidden_size", "num_heads", "patch_size", "num_classes")]
+               for f in ("depth", "hidden_size", "num_heads", "patch_size", "num_classes", "repa_image_size")]
     for flag, ok, rule in checks:
         if not ok:
             raise TrainError(f"--{flag.replace('_', '-')} {getattr(args, flag)} {rule}")
@@ -186,17 +199,19 @@ class TrainModule(nn.Module):
 
     This is the one seam where a regulariser plugs into the training step: the SiT returns
     the hidden state of block `reg.depth` from the same forward and `reg` turns it into terms.
+    `images` (uint8 B x H x W x C, the items' stored images) reach a regulariser that needs them (REPA).
     """
 
     def __init__(self, sit: SiT, reg: Regulariser):
         super().__init__()
         self.sit, self.reg = sit, reg
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                images: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         if self.reg.depth is None:
             return self.sit(x_t, t, y), {}
         out, hidden = self.sit(x_t, t, y, return_hidden_at=self.reg.depth)
-        return out, self.reg(hidden, t)
+        return out, self.reg(hidden, t, images)
 
 
 @torch.no_grad()
@@ -222,7 +237,7 @@ NONFINITE_KINDS = ("input", "loss", "grad")
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list,
-               batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], args: argparse.Namespace,
+               batch: tuple[torch.Tensor, ...], args: argparse.Namespace,
                scale: torch.Tensor, shift: torch.Tensor, amp_dtype: torch.dtype | None
                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimizer step on this rank's share of the global batch (split in --grad-accum-steps).
@@ -232,8 +247,10 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.G
     of NONFINITE_KINDS flags, identical on every rank. When any flag is set, the update is skipped
     on the device (weights and optimizer state untouched) and nothing is read back to the host:
     the caller accumulates the flags and reads them only at logging and checkpoint steps.
+    `batch` is (mean, std, labels), plus the uint8 images when the regulariser needs them (REPA).
     """
-    mean, std, labels = batch
+    mean, std, labels, *rest = batch
+    images = rest[0] if rest else None
     device = mean.device
     accum = args.grad_accum_steps
     micro = mean.shape[0] // accum
@@ -242,15 +259,17 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.G
         sl = slice(i * micro, (i + 1) * micro)
         x = sample_latents(mean[sl], std[sl], scale, shift)  # fresh posterior sample every step
         y = labels[sl]
+        pixels = None if images is None else images[sl]
         if args.noise_pairs:  # [images, same images]: one clean sample, two times and noises (loss.Repulsor)
             x, y = torch.cat([x, x]), torch.cat([y, y])
+            pixels = None if pixels is None else torch.cat([pixels, pixels])
         t = sample_time(x.shape[0], args.time_sampling, device)
         x_t, target = interpolate(args.path_type, x, torch.randn_like(x), t)
         # Gradients are all-reduced once, on the last micro-batch.
         sync = model.no_sync() if isinstance(model, DDP) and i < accum - 1 else nullcontext()
         with sync:
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                pred, reg_terms = model(x_t, t, y)
+                pred, reg_terms = model(x_t, t, y) if pixels is None else model(x_t, t, y, pixels)
             terms = {"velocity": velocity_loss(pred, target), **{k: v.float() for k, v in reg_terms.items()}}
             terms["loss"] = terms["velocity"] + args.reg_weight * terms.get("reg", 0.0)
             scaler.scale(terms["loss"] / accum).backward()
@@ -561,7 +580,8 @@ def main(args: argparse.Namespace) -> None:
     if device.type == "cuda":  # set both ways: the process may have inherited either setting
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
 
-    dataset = LatentDataset(args.data_dir)
+    # Images only for a regulariser that reads them (REPA): other runs read no image bytes.
+    dataset = LatentDataset(args.data_dir, with_images=needs_images(args.reg))
     manifest = dataset.manifest
     c, h, w = manifest["latent_shape"]
     if h != w:
@@ -591,7 +611,9 @@ def main(args: argparse.Namespace) -> None:
     model_config = sit.config.to_dict()
     named_size = name if args.depth is None else None  # an overridden depth gets the custom default block
     reg = build_regulariser(args, named_size, sit.config.hidden_size, sit.config.depth,
-                            args.global_batch_size // args.grad_accum_steps, device).to(device)
+                            args.global_batch_size // args.grad_accum_steps, device,
+                            tokens=(sit.config.input_size // sit.config.patch_size) ** 2,
+                            image_shape=manifest.get("image_shape")).to(device)
     ema = copy.deepcopy(sit).requires_grad_(False).eval()
     train_module = TrainModule(sit, reg)
     params = [p for p in train_module.parameters() if p.requires_grad]
@@ -630,6 +652,9 @@ def main(args: argparse.Namespace) -> None:
     n_reg = sum(p.numel() for p in reg.parameters())
     log(f"run dir {run_dir}; {world} process(es) on {device.type}; SiT {n_params / 1e6:.2f}M parameters"
         + (f" + regulariser {args.reg} {n_reg / 1e6:.2f}M (training only)" if args.reg != "none" else ""))
+    if args.repa_encoder_id is not None:  # set by the REPA builder
+        log(f"repa: frozen encoder {args.repa_encoder_id} ({args.repa_encoder_hash}), input {args.repa_image_size} px "
+            f"-> {reg.z_dim}-d patch tokens; not trained, not checkpointed")
     log(f"data: {len(dataset)} items {c}x{h}x{w}, {num_classes} classes; global batch {args.global_batch_size} "
         f"= {world} x {args.grad_accum_steps} x {micro_batch}"
         + (f" ({micro_batch // 2} images, each at 2 noise levels)" if args.noise_pairs else "")
@@ -654,10 +679,9 @@ def main(args: argparse.Namespace) -> None:
     while step < args.max_steps:
         epoch, start = divmod(step, sampler.steps_per_epoch)
         sampler.set_epoch(epoch, start)
-        for mean, std, labels in DataLoader(dataset, sampler=sampler, **loader_kwargs):
-            mean, std, labels = (v.to(device, non_blocking=True) for v in (mean, std, labels))
-            step_terms, nonfinite = train_step(ddp, opt, scaler, params, (mean, std, labels), args, scale, shift,
-                                               amp_dtype)
+        for batch in DataLoader(dataset, sampler=sampler, **loader_kwargs):  # (mean, std, labels[, images])
+            batch = tuple(v.to(device, non_blocking=True) for v in batch)
+            step_terms, nonfinite = train_step(ddp, opt, scaler, params, batch, args, scale, shift, amp_dtype)
             step += 1
             applied = guard.record(step, nonfinite)
             decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay

@@ -1,16 +1,30 @@
-"""Training-step overhead of the regularisers: --reg none vs dispersive vs repulsor, one run.
+"""Training-step overhead of the regularisers: --reg none vs dispersive vs repulsor vs repa, one run.
 
     python benchmarks/overhead.py                      # CPU-sized defaults, a few minutes on 2 cores
+    python benchmarks/overhead.py --model SiT-S/2,SiT-B/2 --input-size 32 --in-channels 4 \
+        --batch-size 8 --steps 4 --warmup 1 --threads 1           # the README's table (CPU)
     python benchmarks/overhead.py --model SiT-B/2 --input-size 32 --in-channels 4 \
         --batch-size 256 --precision bf16 --device cuda --steps 50 --warmup 10  # a GPU setting
 
 Every configuration gets the same SiT (same seed, size, batch, precision) and runs the very
 step of train.py (`train.train_step` + `update_ema`) on a fixed random batch. The Repulsor
 bank is pre-filled (K rows of unit vectors), so every timed step pays for the full bank as in
-steady-state training. Steps are interleaved round-robin over the configurations (so load
-from other processes hits them alike), warm-up rounds are dropped, and the table reports the
-median ms/step and its ratio to --reg none. --breakdown also times the Repulsor's parts alone
-(head MLP, bank product + loss, in-batch-only loss, enqueue) to show where the time goes.
+steady-state training. REPA gets a DINOv2 ViT-B/14-sized encoder with random weights (its
+FLOPs and memory are what matter here) and a random uint8 image batch at --image-size.
+Steps are interleaved round-robin over the configurations (so load from other processes hits
+them alike), warm-up rounds are dropped, and the table reports the median ms/step and its
+ratio to --reg none. --model takes a comma-separated list: one table per model, one process.
+
+Memory, per configuration, from one extra untimed step: on CUDA the allocator's peak during
+the step (torch.cuda.max_memory_allocated). On the CPU torch keeps no allocator statistics, so
+the table gives what the step must hold: the persistent state (weights, gradients, AdamW
+moments, EMA, Repulsor bank, frozen encoder) plus the tensors saved for backward during the
+forward (unique storages, parameters excluded), i.e. the live memory at the end of the forward;
+transient work buffers (e.g. the encoder's own activations under no_grad) are not included.
+GFLOP per step by part are analytic counts of the matmuls (a multiply-add = 2 FLOPs; trained
+parts fwd + bwd = 3 x fwd; the frozen encoder forward only).
+--breakdown also times the Repulsor's parts alone (head MLP, bank product + loss, in-batch-only
+loss, enqueue) to show where the time goes.
 """
 from __future__ import annotations
 
@@ -29,7 +43,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from loss import Repulsor, build_regulariser, repulsor_loss  # noqa: E402
+from loss import REPA, Dispersive, Repulsor, build_regulariser, repulsor_loss  # noqa: E402
 from models.sit import SiT_models, build_sit  # noqa: E402
 from train import TrainModule, get_args, make_optimizer, train_step, update_ema  # noqa: E402
 
@@ -39,7 +53,8 @@ PRECISION_FLAG = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="custom", choices=list(SiT_models) + ["custom"])
+    p.add_argument("--model", default="custom",
+                   help=f"comma-separated, each one of {', '.join(SiT_models)} or custom (one table each)")
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--hidden-size", type=int, default=192)
     p.add_argument("--num-heads", type=int, default=3)
@@ -47,10 +62,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--in-channels", type=int, default=1)
     p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="repa: stored image resolution (default: 8 x --input-size for 4-channel, i.e. SD-VAE, "
+                        "latents; else --input-size, pixel data)")
     p.add_argument("--batch-size", type=int, default=128, help="global batch = this process's batch")
     p.add_argument("--precision", default="fp32", choices=list(AMP),
                    help="fp32 by default: bf16 autocast is slower than fp32 on this project's 2-core CPU")
-    p.add_argument("--regs", default="none,dispersive,repulsor", help="comma-separated --reg values")
+    p.add_argument("--regs", default="none,dispersive,repulsor,repa", help="comma-separated --reg values")
     p.add_argument("--bank-size", type=int, default=65536)
     p.add_argument("--proj-dim", type=int, default=128)
     p.add_argument("--proj-hidden", type=int, default=2048)
@@ -61,14 +79,22 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--breakdown", action="store_true", help="also time the Repulsor's parts in isolation")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args()
+    b = p.parse_args()
+    b.models = [m.strip() for m in b.model.split(",") if m.strip()]
+    for m in b.models:
+        if m not in SiT_models and m != "custom":
+            p.error(f"--model {m!r}: choose from {', '.join(SiT_models)} or custom")
+    if b.image_size is None:
+        b.image_size = 8 * b.input_size if b.in_channels == 4 else b.input_size
+    return b
 
 
 def train_args(b: argparse.Namespace, reg: str) -> argparse.Namespace:
     """The train.py configuration of one benchmark column (its defaults for everything else)."""
     argv = ["--data-dir", "unused", "--reg", reg, "--global-batch-size", str(b.batch_size),
             "--mixed-precision", PRECISION_FLAG[b.precision], "--bank-size", str(b.bank_size),
-            "--proj-dim", str(b.proj_dim), "--proj-hidden", str(b.proj_hidden), "--model", b.model]
+            "--proj-dim", str(b.proj_dim), "--proj-hidden", str(b.proj_hidden), "--model", b.model,
+            "--repa-encoder", "random", "--seed", str(b.seed)]
     if b.model == "custom":
         argv += ["--depth", str(b.depth), "--hidden-size", str(b.hidden_size), "--num-heads", str(b.num_heads),
                  "--patch-size", str(b.patch_size)]
@@ -88,7 +114,9 @@ class Config:
         sit = build_sit(name, depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads,
                         patch_size=args.patch_size, input_size=b.input_size, in_channels=b.in_channels,
                         num_classes=b.num_classes).to(device)
-        self.reg = build_regulariser(args, name, sit.config.hidden_size, sit.config.depth, b.batch_size, device).to(device)
+        self.tokens = (b.input_size // sit.config.patch_size) ** 2
+        self.reg = build_regulariser(args, name, sit.config.hidden_size, sit.config.depth, b.batch_size, device,
+                                     tokens=self.tokens, image_shape=(b.image_size, b.image_size, 3)).to(device)
         if isinstance(self.reg, Repulsor) and self.reg.bank.size:  # steady state: a full bank
             g = torch.Generator().manual_seed(b.seed + 1)
             queue = F.normalize(torch.randn(self.reg.bank.size, self.reg.bank.dim, generator=g), dim=1)
@@ -102,8 +130,11 @@ class Config:
         self.reg_depth = self.reg.depth
         self.reg_params = sum(p.numel() for p in self.reg.parameters())
         self.times: list[float] = []
+        self.memory: dict[str, float] = {}
 
     def step(self, batch: tuple[torch.Tensor, ...], scale: torch.Tensor, shift: torch.Tensor) -> None:
+        if not self.reg.needs_images:  # the images travel only to a regulariser that reads them, as in train.py
+            batch = batch[:3]
         _, nonfinite = train_step(self.module, self.opt, self.scaler, self.params, batch, self.args, scale, shift,
                                   self.amp_dtype)
         if nonfinite.any():  # a skipped step would be timed silently
@@ -173,44 +204,100 @@ def breakdown(b: argparse.Namespace, rep: Repulsor, device: torch.device, tokens
     return rows
 
 
-def approx_gflop(b: argparse.Namespace, sit_cfg, rep: Repulsor | None, tokens: int) -> dict[str, float]:
-    """Rough training-step GFLOP (fwd + bwd = 3 x fwd matmul FLOPs)."""
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure_memory(c: Config, batch: tuple[torch.Tensor, ...], scale: torch.Tensor, shift: torch.Tensor,
+                   device: torch.device) -> dict[str, float]:
+    """MB a training step needs (see the module docstring for what is measured on each device)."""
+    mb = 1 / 2 ** 20
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        c.step(batch, scale, shift)
+        sync(device)
+        return {"peak": torch.cuda.max_memory_allocated(device) * mb}
+    params = {p.untyped_storage().data_ptr() for p in c.module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        c.step(batch, scale, shift)
+    trainable = nbytes(c.params)
+    moments = nbytes(v for state in c.opt.state.values() for v in state.values()
+                     if torch.is_tensor(v) and v.dim() > 0)  # exp_avg, exp_avg_sq (not the step counters)
+    persistent = (nbytes(c.module.parameters()) + trainable + moments + nbytes(c.ema.parameters())
+                  + nbytes(c.module.buffers()) + nbytes(c.ema.buffers()))
+    if isinstance(c.reg, Repulsor):
+        persistent += nbytes([c.reg.bank.queue])
+    if isinstance(c.reg, REPA):
+        persistent += nbytes(c.reg.encoder.parameters()) + nbytes(c.reg.encoder.buffers())
+    activations = sum(saved.values())
+    return {"persistent": persistent * mb, "activations": activations * mb, "peak": (persistent + activations) * mb}
+
+
+def approx_gflop(b: argparse.Namespace, sit_cfg, reg, tokens: int) -> dict[str, float]:
+    """Analytic GFLOP of one training step by part: matmuls only, 2 FLOPs a multiply-add, trained parts
+    fwd + bwd = 3 x fwd, the frozen encoder forward only."""
     d, n, bs = sit_cfg.hidden_size, tokens, b.batch_size
     per_block = 2 * (12 * d * d * n + 2 * n * n * d + 6 * d * d)  # qkv+proj+mlp per token, attention, adaLN
     out = {"SiT": 3 * bs * sit_cfg.depth * per_block / 1e9}
-    if rep is not None:
-        head = sum(m.in_features * m.out_features for m in rep.head if isinstance(m, torch.nn.Linear))
+    if isinstance(reg, Repulsor):
+        head = sum(m.in_features * m.out_features for m in reg.head if isinstance(m, torch.nn.Linear))
         out["head"] = 3 * 2 * bs * head / 1e9
-        out["bank"] = 2 * 2 * bs * rep.bank.size * rep.bank.dim / 1e9  # fwd + grad wrt z (bank has none)
+        out["bank"] = 2 * 2 * bs * reg.bank.size * reg.bank.dim / 1e9  # fwd + grad wrt z (bank has none)
+    elif isinstance(reg, Dispersive):
+        out["gram"] = 3 * 2 * bs * bs * n * d / 1e9  # B x B Gram matrix of the flattened hidden states
+    elif isinstance(reg, REPA):
+        enc = reg.encoder
+        e, ne, hid = enc.embed_dim, enc.patch_embed.num_patches + enc.num_prefix_tokens, enc.blocks[0].mlp.fc1.out_features
+        layer = 2 * (4 * e * e * ne + 2 * e * hid * ne + 2 * ne * ne * e)  # qkv+proj, mlp, attention
+        embed = 2 * enc.patch_embed.num_patches * enc.patch_embed.proj.weight[0].numel() * e
+        out["encoder fwd"] = bs * (len(enc.blocks) * layer + embed) / 1e9
+        proj = sum(m.in_features * m.out_features for m in reg.projector if isinstance(m, torch.nn.Linear))
+        out["projector"] = 3 * 2 * bs * n * proj / 1e9
     return out
 
 
-def main() -> None:
-    b = parse()
-    if b.threads:
-        torch.set_num_threads(b.threads)
-    device = torch.device(b.device)
+def run_model(b: argparse.Namespace, model: str, device: torch.device) -> None:
+    b = argparse.Namespace(**{**vars(b), "model": model})
     regs = [r.strip() for r in b.regs.split(",") if r.strip()]
     configs = [Config(b, r, device) for r in regs]
     g = torch.Generator().manual_seed(b.seed)
     shape = (b.batch_size, b.in_channels, b.input_size, b.input_size)
     batch = (torch.randn(shape, generator=g).to(device), torch.zeros(shape, device=device),
-             torch.randint(0, b.num_classes, (b.batch_size,), generator=g).to(device))
+             torch.randint(0, b.num_classes, (b.batch_size,), generator=g).to(device),
+             torch.randint(0, 256, (b.batch_size, b.image_size, b.image_size, 3), generator=g,
+                           dtype=torch.uint8).to(device))
     scale = torch.ones(b.in_channels, 1, 1, device=device)
     shift = torch.zeros(b.in_channels, 1, 1, device=device)
 
     sit = configs[0].sit
     n_sit = sum(p.numel() for p in sit.parameters())
-    tokens = (b.input_size // sit.config.patch_size) ** 2
-    print(f"SiT {'custom' if b.model == 'custom' else b.model}: depth {sit.config.depth}, width {sit.config.hidden_size}, "
+    tokens = configs[0].tokens
+    print(f"SiT {b.model}: depth {sit.config.depth}, width {sit.config.hidden_size}, "
           f"patch {sit.config.patch_size}, {b.in_channels}x{b.input_size}x{b.input_size} ({tokens} tokens), "
           f"{n_sit / 1e6:.2f}M params; batch {b.batch_size}; {b.precision}; {device.type}, "
           f"{torch.get_num_threads()} threads; torch {torch.__version__}", flush=True)
     for c in configs:
-        if c.name != "none":
-            extra = (f", K {c.reg.bank.size}, d {c.reg.bank.dim}, head hidden {b.proj_hidden}"
-                     if isinstance(c.reg, Repulsor) else f", variant {c.args.disp_variant}")
-            print(f"  {c.name}: block {c.reg_depth}, {c.reg_params / 1e6:.2f}M training-only params{extra}", flush=True)
+        if c.name == "none":
+            continue
+        if isinstance(c.reg, Repulsor):
+            extra = f", K {c.reg.bank.size}, d {c.reg.bank.dim}, head hidden {b.proj_hidden}"
+        elif isinstance(c.reg, REPA):
+            n_enc = sum(p.numel() for p in c.reg.encoder.parameters())
+            extra = (f", projector hidden {b.proj_hidden} -> {c.reg.z_dim}; frozen encoder {c.args.repa_encoder} "
+                     f"(DINOv2 ViT-B/14 architecture, {n_enc / 1e6:.1f}M params) on {b.image_size} px images "
+                     f"resized to {c.reg.image_size} px")
+        else:
+            extra = f", variant {c.args.disp_variant}"
+        print(f"  {c.name}: block {c.reg_depth}, {c.reg_params / 1e6:.2f}M training-only params{extra}", flush=True)
 
     t_start = time.time()
     for rnd in range(b.warmup + b.steps):
@@ -223,32 +310,49 @@ def main() -> None:
             if rnd >= b.warmup:
                 c.times.append(time.perf_counter() - t0)
         print(f"  round {rnd + 1}/{b.warmup + b.steps} done ({time.time() - t_start:.0f} s)", file=sys.stderr, flush=True)
+    for c in configs:  # untimed, after the timing rounds
+        c.memory = measure_memory(c, batch, scale, shift, device)
 
     base_cfg = next((c for c in configs if c.name == "none"), None)
     base = statistics.median(base_cfg.times) if base_cfg else None
+    flops = {c.name: approx_gflop(b, sit.config, c.reg, tokens) for c in configs}
+    cpu = device.type == "cpu"
     print()
-    print(f"| --reg | ms/step (median of {b.steps}) | min | ratio to none (medians) | paired ratio (median over rounds) |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"| --reg | ms/step (median of {b.steps}) | min | ratio to none (medians) | paired ratio (median over rounds) | "
+          + ("persistent MB | saved activations MB | step memory MB |" if cpu else "peak MB |")
+          + " GFLOP per step: parts | GFLOP total | FLOP ratio to none |")
+    print("|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if cpu else "---:|") + "---|---:|---:|")
     for c in configs:
         med = statistics.median(c.times)
         label = c.name if c.name != "repulsor" else f"repulsor (K {b.bank_size}, d {b.proj_dim})"
         ratio = f"{med / base:.3f}" if base else "-"
         paired = f"{statistics.median(x / y for x, y in zip(c.times, base_cfg.times)):.3f}" if base else "-"
-        print(f"| {label} | {1000 * med:.0f} | {1000 * min(c.times):.0f} | {ratio} | {paired} |")
+        mem = (f"{c.memory['persistent']:.0f} | {c.memory['activations']:.0f} | {c.memory['peak']:.0f}" if cpu
+               else f"{c.memory['peak']:.0f}")
+        parts = flops[c.name]
+        total = sum(parts.values())
+        print(f"| {label} | {1000 * med:.0f} | {1000 * min(c.times):.0f} | {ratio} | {paired} | {mem} | "
+              + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+              + f" | {total:.1f} | {total / parts['SiT']:.3f} |")  # the same SiT in every column
+    print()
 
     rep_cfg = next((c for c in configs if isinstance(c.reg, Repulsor)), None)
-    flops = approx_gflop(b, sit.config, rep_cfg.reg if rep_cfg else None, tokens)
-    print()
-    print("approx. GFLOP per training step: " + ", ".join(f"{k} {v:.1f}" for k, v in flops.items())
-          + (f" (head + bank = {100 * (flops['head'] + flops['bank']) / flops['SiT']:.1f} % of the SiT)"
-             if rep_cfg else ""))
     if b.breakdown and rep_cfg is not None:
-        print()
         print("| Repulsor part (alone) | ms | share of none's median step |")
         print("|---|---:|---:|")
         for name, sec in breakdown(b, rep_cfg.reg, device, tokens):
             share = f"{100 * sec / base:.1f} %" if base else "-"
             print(f"| {name} | {1000 * sec:.1f} | {share} |")
+        print()
+
+
+def main() -> None:
+    b = parse()
+    if b.threads:
+        torch.set_num_threads(b.threads)
+    device = torch.device(b.device)
+    for model in b.models:
+        run_model(b, model, device)
 
 
 if __name__ == "__main__":

@@ -384,7 +384,7 @@ def test_default_reg_depth_and_builder():
     assert default_reg_depth("repulsor", "SiT-XL/2", 28) == 8
     assert default_reg_depth("repulsor", None, 12) == 4
     assert default_reg_depth("dispersive", "SiT-XL/2", 28) == 7
-    assert set(REGULARISERS) == {"none", "dispersive", "repulsor"}
+    assert set(REGULARISERS) == {"none", "dispersive", "repulsor", "repa"}  # repa: tests/test_repa.py
     reg = build_regulariser(_args("--reg", "repulsor", "--bank-size", "32", "--proj-hidden", "16", "--proj-dim", "8"),
                             None, 64, 6, 16, "cpu")
     assert isinstance(reg, Repulsor) and reg.depth == 2 and reg.temperature == 0.5 and reg.bank.size == 32
