@@ -388,6 +388,22 @@ def on_main_then_share(info, fn):
     return result
 
 
+def main_first(info, fn):
+    """fn() on rank 0, then on the other ranks once it succeeded (so hub weights are downloaded once,
+    into the cache the others read); an error on rank 0 is raised on every rank, as the same one line.
+    Every rank calls fn with the same RNG state, so what it initialises is identical on every rank."""
+    result = error = None
+    if info.is_main:
+        try:
+            result = fn()
+        except (TrainError, DataError, CheckpointError, ValueError) as e:
+            error = e
+    error = broadcast_from_main(error)
+    if error is not None:
+        raise error
+    return result if info.is_main else fn()
+
+
 class RunLogger:
     """log.txt + stdout on rank 0; silent elsewhere."""
 
@@ -610,10 +626,10 @@ def main(args: argparse.Namespace) -> None:
                     memory_dim=memory.dim if memory else 0).to(device)
     model_config = sit.config.to_dict()
     named_size = name if args.depth is None else None  # an overridden depth gets the custom default block
-    reg = build_regulariser(args, named_size, sit.config.hidden_size, sit.config.depth,
-                            args.global_batch_size // args.grad_accum_steps, device,
-                            tokens=(sit.config.input_size // sit.config.patch_size) ** 2,
-                            image_shape=manifest.get("image_shape")).to(device)
+    reg = main_first(info, lambda: build_regulariser(  # REPA's hub encoder: one download, then the cache
+        args, named_size, sit.config.hidden_size, sit.config.depth, args.global_batch_size // args.grad_accum_steps,
+        device, tokens=(sit.config.input_size // sit.config.patch_size) ** 2,
+        image_shape=manifest.get("image_shape")).to(device))
     ema = copy.deepcopy(sit).requires_grad_(False).eval()
     train_module = TrainModule(sit, reg)
     params = [p for p in train_module.parameters() if p.requires_grad]

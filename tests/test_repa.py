@@ -288,6 +288,13 @@ def test_two_ranks_exact_resume_and_checkpoint_without_encoder(repa_files, tmp_p
     plain = build_sit(None, depth=2, hidden_size=64, num_heads=2, patch_size=4, input_size=16, in_channels=1,
                       num_classes=3)
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    # ... and sample_ddp.py samples the REPA checkpoint like any other (no encoder, no images needed).
+    import sample_ddp
+
+    npz = tmp_path / "samples" / "repa.npz"
+    assert sample_ddp.main(["--ckpt", os.path.join(res, "straight", "checkpoints", "0000006.pt"), "--num-samples", "3",
+                            "--mode", "ode", "--num-steps", "2", "--out", str(npz), "--device", "cpu"]) == 0
+    assert np.load(npz)["arr_0"].shape == (3, 16, 16, 3)
 
     # Resuming with another encoder (other weights, other hash) is refused in one line.
     other = [*common[:common.index("--repa-encoder") + 1], repa_files["other_vit"],

@@ -357,3 +357,32 @@ def test_flags_shared_with_sample_ddp_have_the_same_defaults():
     assert {"seed", "device", "tf32", "path_type", "model"} <= shared
     differ = {k: (trained[k], sampled[k]) for k in shared if sampled[k] is not None and trained[k] != sampled[k]}
     assert differ == {}
+
+
+def test_main_first_builds_on_rank_zero_before_the_others_and_shares_its_error(monkeypatch):
+    """REPA's hub encoder is downloaded by rank 0 alone, before any other rank builds; a rank 0 error
+    reaches the other ranks through the broadcast, without them calling fn (simulated ranks)."""
+    from types import SimpleNamespace
+
+    events = []
+    rank0_error = ValueError("encoder 'x' not found: pass a hub id or a file")
+    for rank, shared in ((0, None), (1, None), (1, rank0_error)):
+        def broadcast(obj, shared=shared):
+            events.append("broadcast")
+            return obj if rank == 0 else shared  # rank 1 receives what rank 0 sent
+        monkeypatch.setattr(train, "broadcast_from_main", broadcast)
+        events.clear()
+        info = SimpleNamespace(is_main=rank == 0)
+        if shared is None:
+            assert train.main_first(info, lambda: events.append("build") or "reg") == "reg"
+            assert events == (["build", "broadcast"] if rank == 0 else ["broadcast", "build"])
+        else:
+            with pytest.raises(ValueError, match="not found"):
+                train.main_first(info, lambda: events.append("build"))
+            assert events == ["broadcast"]
+    monkeypatch.setattr(train, "broadcast_from_main", lambda obj: obj)
+
+    def fail():
+        raise ValueError("bad encoder")
+    with pytest.raises(ValueError, match="bad encoder"):
+        train.main_first(SimpleNamespace(is_main=True), fail)
