@@ -263,10 +263,11 @@ def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
     fid = {(r["config"], r["seed"], r["step"]): r["fid"] for r in results.values()}
     lines, paired, means = fid_tables(fid, names, steps, baseline)
     curves = {n: (sorted(m), [m[s] for s in sorted(m)]) for n, m in means.items()}
-    table = "\n".join(lines) + f"\n\nFID minus {baseline}'s FID at the same seed:\n\n" + "\n".join(paired)
-    if a.study == "scale":
+    if a.study == "scale":  # paired within a width only
         rows, series = scale_tables(fid, sorted(a.widths), steps)
-        table += "\n\nFID minus none's FID at the same width and seed:\n\n" + "\n".join(rows)
+        table = "\n".join(lines) + "\n\nFID minus none's FID at the same width and seed:\n\n" + "\n".join(rows)
+    else:
+        table = "\n".join(lines) + f"\n\nFID minus {baseline}'s FID at the same seed:\n\n" + "\n".join(paired)
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(table + "\n")
     seeds = sorted({seed for c, seed, _ in fid if c in names})

@@ -72,6 +72,7 @@ def test_convergence_scale_and_pairs_reports(tmp_path):
     assert "| 128 | 1.88M | repulsor | -2.0 ± 1.0 |" in rows
     assert "| 256 | 7.39M | dispersive | +6.0 |" in rows
     assert not any(row.startswith("| 256 |") and "repulsor" in row for row in rows)
+    assert "FID minus none's FID at the same seed:" not in text  # never across widths
     assert os.path.isfile(os.path.join(out, "scale.png"))
 
     r = _report(out, "--study", "pairs", "--steps", "500")
