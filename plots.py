@@ -86,6 +86,9 @@ def plot_paired_vs_params(series: dict[str, tuple[list[float], list[float], list
         ax.errorbar(xs, means, yerr=spreads, marker="o", capsize=3, label=label)
     ax.axhline(0.0, color="gray", linewidth=0.8)
     ax.set_xscale("log")
+    sizes = sorted({x for xs, _, _ in series.values() for x in xs})
+    ax.minorticks_off()  # one labelled tick per model size, not a log grid
+    ax.set_xticks(sizes, [f"{x / 1e6:.2f}M" for x in sizes])
     ax.set(xlabel="SiT parameters", ylabel="FID minus plain SiT's (same seed)", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
