@@ -31,7 +31,8 @@ SMOKE_MODEL_FLAGS = ["--model", "custom", "--depth", "2", "--hidden-size", "32",
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default="data", help="where the preprocessed datasets go")
-    p.add_argument("--out", default="results/demo", help="run directory (training run, samples, plots)")
+    p.add_argument("--out", default=None,
+                   help="run directory (training run, samples, plots; default results/demo, --smoke results/demo-smoke)")
     p.add_argument("--steps", type=int, default=1600, help="training steps")
     p.add_argument("--batch", type=int, default=32, help="global batch size")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -45,7 +46,16 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.batch, args.fid_points, args.fid_samples, args.fid_ref, args.sample_steps = 4, 16, 2, 10, 10, 2
+    if args.out is None:
+        args.out = "results/demo-smoke" if args.smoke else "results/demo"
     return args
+
+
+def data_dirs(args: argparse.Namespace) -> tuple[str, str]:
+    """The train and test datasets. The smoke run's are a 512-image cut in their own directories, so
+    a full demo after CI's smoke run (same --data-root) neither meets nor reuses them."""
+    suffix = "-smoke" if args.smoke else ""
+    return tuple(os.path.join(args.data_root, f"fmnist-{split}{suffix}") for split in ("train", "test"))
 
 
 def run(cmd: list[str], env: dict | None = None) -> None:
@@ -98,7 +108,7 @@ def checkpoint_fid(ckpt: str, out_npz: str, ref_stats: dict, extractor, num_samp
 def main(args: argparse.Namespace) -> None:
     t_start = time.time()
     py = sys.executable
-    train_dir, test_dir = (os.path.join(args.data_root, f"fmnist-{s}") for s in ("train", "test"))
+    train_dir, test_dir = data_dirs(args)
     limit = ["--limit", "512"] if args.smoke else []
     for split, d in (("train", train_dir), ("test", test_dir)):
         run([py, "preprocessing/encode.py", "--dataset", "fashion-mnist", "--split", split, "--vae", "none",

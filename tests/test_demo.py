@@ -18,6 +18,17 @@ def test_demo_smoke_runs_the_whole_pipeline(tmp_path):
     assert all(0 < f < 1000 for f in results["fid"].values())
     for png in ("loss_curve.png", "fid_vs_step.png", "samples/0000004.png", "fid_samples/0000004.grid.png"):
         assert (out / png).stat().st_size > 1000, png
-    manifest = json.load(open(tmp_path / "data" / "fmnist-train" / "manifest.json"))
+    manifest = json.load(open(tmp_path / "data" / "fmnist-train-smoke" / "manifest.json"))
     assert manifest["latent_shape"] == [1, 32, 32] and manifest["count"] == 512
     assert "Pictures:" in proc.stdout and str(out / "fid_vs_step.png") in proc.stdout
+
+
+def test_smoke_and_full_demo_never_share_data_or_run_directories():
+    """CI runs `demo.py --smoke` in the checkout; the README's full demo run afterwards must neither
+    meet the smoke run's 512-image datasets (encode.py refuses other settings) nor its tiny run."""
+    import demo
+
+    smoke, full = demo.get_args(["--smoke"]), demo.get_args([])
+    assert set(demo.data_dirs(smoke)).isdisjoint(demo.data_dirs(full))
+    assert (smoke.out, full.out) == ("results/demo-smoke", "results/demo")
+    assert demo.data_dirs(full) == (os.path.join("data", "fmnist-train"), os.path.join("data", "fmnist-test"))
