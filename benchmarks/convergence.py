@@ -58,7 +58,7 @@ ABLATION = {
 
 # Scale study: --reg none vs repulsor (today's defaults) at several widths, depth 6, 4 heads, patch 4.
 # Width 128 is the demo's SiT, so its runs are the main comparison's "none" and "repulsor". Width 256
-# (7.4M parameters) costs about 40 minutes a run on one core, FID included: too long for the default.
+# (7.4M parameters) costs about 31 minutes a run on one core, FIDs included: too long for the default.
 SCALE_WIDTHS = (32, 64, 128)
 SCALE_REGS = ("none", "repulsor")
 
