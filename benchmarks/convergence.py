@@ -84,7 +84,7 @@ def study_configs(a: argparse.Namespace) -> dict[str, list[str]]:
         return PAIRS
     if a.study == "scale":
         configs = dict(scale_config(w, reg) for w in a.widths for reg in SCALE_REGS)
-        if a.dispersive_width in a.widths:  # the extra baseline at the largest width
+        if a.dispersive_width in a.widths:  # the in-batch baseline at one width (default: the largest)
             configs.update([scale_config(a.dispersive_width, "dispersive")])
         return configs
     return MAIN
@@ -111,8 +111,8 @@ def get_args() -> argparse.Namespace:
                    help="main comparison, Repulsor ablation, scale trend (--widths), or the noise-pair positive")
     p.add_argument("--ablation", action="store_true", help="same as --study ablation")
     p.add_argument("--widths", type=int, nargs="+", default=list(SCALE_WIDTHS), help="--study scale: SiT widths")
-    p.add_argument("--dispersive-width", type=int, default=max(SCALE_WIDTHS),
-                   help="--study scale: also run dispersive at this width (when it is in --widths)")
+    p.add_argument("--dispersive-width", type=int, default=None,
+                   help="--study scale: also run dispersive at this width (default: the largest of --widths)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from results.json")
     p.add_argument("--fid-samples", type=int, default=250)
     p.add_argument("--fid-ref", type=int, default=1000)
@@ -122,6 +122,8 @@ def get_args() -> argparse.Namespace:
         a.study = "ablation"
     if min(a.widths) < 4 or any(w % 4 for w in a.widths):
         p.error(f"--widths {a.widths}: every width must be a positive multiple of the 4 heads")
+    if a.dispersive_width is None:
+        a.dispersive_width = max(a.widths)
     return a
 
 

@@ -63,7 +63,7 @@ def test_convergence_scale_and_pairs_reports(tmp_path):
         ("pairs-none", 0, 500, 160.0), ("pairs-none", 1, 500, 162.0),
         ("pairs-repulsor", 0, 500, 150.0), ("pairs-repulsor", 1, 500, 158.0),
     ])
-    r = _report(out, "--study", "scale", "--steps", "500", "--widths", "64", "128", "256", "--dispersive-width", "256")
+    r = _report(out, "--study", "scale", "--steps", "500", "--widths", "64", "128", "256")
     assert r.returncode == 0, r.stderr
     text = open(os.path.join(out, "table.md")).read()
     rows = text[text.index("FID minus none's FID at the same width and seed:"):].splitlines()
@@ -187,3 +187,17 @@ def test_memory_random_encoder_is_not_degenerate(tmp_path):
     assert (hidden - tokens).abs().mean() > 0.1 * tokens.abs().mean()  # block 1 is far from the identity
     assert out.abs().mean() > 0  # nor is the output zero
     assert (z[0] - z[1]).norm() > 1e-3 and torch.allclose(z.norm(dim=1), torch.ones(4))
+
+
+def test_scale_study_configs_and_dispersive_at_the_largest_width(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_convergence", os.path.join(ROOT, "benchmarks", "convergence.py"))
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    monkeypatch.setattr(sys, "argv", ["convergence.py", "--study", "scale", "--widths", "64", "256"])
+    configs = conv.study_configs(conv.get_args())
+    assert set(configs) == {"w64-none", "w64-repulsor", "w256-none", "w256-repulsor", "w256-dispersive"}
+    assert configs["w256-dispersive"] == ["--hidden-size", "256", "--reg", "dispersive"]
+    monkeypatch.setattr(sys, "argv", ["convergence.py", "--study", "scale"])  # width 128 is the demo's SiT
+    assert conv.study_configs(conv.get_args())["repulsor"] == ["--reg", "repulsor"]
