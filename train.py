@@ -269,7 +269,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.G
         sync = model.no_sync() if isinstance(model, DDP) and i < accum - 1 else nullcontext()
         with sync:
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                pred, reg_terms = model(x_t, t, y) if pixels is None else model(x_t, t, y, pixels)
+                pred, reg_terms = model(x_t, t, y, pixels)
             terms = {"velocity": velocity_loss(pred, target), **{k: v.float() for k, v in reg_terms.items()}}
             terms["loss"] = terms["velocity"] + args.reg_weight * terms.get("reg", 0.0)
             scaler.scale(terms["loss"] / accum).backward()

@@ -691,7 +691,11 @@ def test_noise_pairs_step_sees_each_image_twice_at_independent_times_and_noises(
     labels_seen = []
     module = train_mod.TrainModule(sit, train_mod.Regulariser())
     forward = module.forward
-    module.forward = lambda x_t, t, y: (labels_seen.append(y.clone()), forward(x_t, t, y))[1]
+    def recording_forward(x_t, t, y, images=None):
+        labels_seen.append(y.clone())
+        return forward(x_t, t, y, images)
+
+    module.forward = recording_forward
     params = list(module.parameters())
     opt = train_mod.make_optimizer(params, args)
     batch = (torch.randn(4, 1, 8, 8), torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 2, 1]))
