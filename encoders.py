@@ -65,9 +65,9 @@ def dinov2_inputs(images: torch.Tensor, image_size: int) -> torch.Tensor:
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)  # grey into an RGB encoder: replicate
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
+    # Python-scalar constants: REPA calls this every training step, and a small host tensor copied to
+    # the GPU each time would make the stream wait for the host.
+    x = torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], dim=1)
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
         x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False)
     return x
