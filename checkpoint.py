@@ -14,10 +14,12 @@ so `sample_ddp.py --ckpt PATH` needs no other flag.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import os
 import re
+import shutil
 import socket
 import time
 from typing import Any
@@ -33,15 +35,65 @@ class CheckpointError(ValueError):
     """Missing, incomplete or incompatible checkpoint; the message says what to do."""
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested dict/list (about what torch.save writes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def write_failed(path: str, tmp: str, e: OSError, needed: int) -> str:
+    """Remove the partial file and say, in one line, why the write failed and what to do."""
+    try:
+        os.remove(tmp)
+    except OSError:
+        pass
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        except OSError:
+            free = 0
+        return (f"no space left writing {path} (about {needed / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free): "
+                "the partial file was removed and earlier files are intact; free space (or move the run), then rerun")
+    return f"cannot write {path} ({e.strerror or e}): the partial file was removed and earlier files are intact"
+
+
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves a partial file."""
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves a partial file, and a
+    full disk is one CheckpointError line (the partial file removed, the previous checkpoint intact)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch.save may report a failed write as a RuntimeError
+        needed = tensor_bytes(state)
+        cause = _os_error_in(e, path, needed)
+        if cause is None:
+            raise
+        raise CheckpointError(write_failed(path, tmp, cause, needed)) from None
     os.replace(tmp, path)
+
+
+def _os_error_in(e: BaseException | None, path: str, needed: int) -> OSError | None:
+    """The OSError behind a failed write (the exception or its chain); a RuntimeError with none in
+    its chain (torch's "unexpected pos") counts as a full disk when less than `needed` is free."""
+    first = e
+    while e is not None:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    try:
+        full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < needed
+    except OSError:
+        full = False
+    return OSError(errno.ENOSPC, "No space left on device") if full and first is not None else None
 
 
 def checkpoints_newest_first(ckpt_dir: str) -> list[str]:

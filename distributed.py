@@ -5,6 +5,7 @@ on GPUs (NCCL): the backend follows the device.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -24,8 +25,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Init the process group when launched by torchrun; pick cuda:LOCAL_RANK when available."""
+def init_distributed(device: str = "auto", timeout_min: float = 60.0) -> DistInfo:
+    """Init the process group when launched by torchrun; pick cuda:LOCAL_RANK when available.
+
+    timeout_min: how long a collective may wait before the job fails. Explicit, because ranks wait in
+    a barrier while rank 0 writes a checkpoint (about 10 GB for SiT-XL/2 with EMA and AdamW moments)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -35,7 +39,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None,
+                                timeout=datetime.timedelta(minutes=timeout_min))
     return DistInfo(rank, world, local_rank, dev)
 
 

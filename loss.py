@@ -84,6 +84,9 @@ class Regulariser(nn.Module):
                 images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return {}
 
+    def diagnostics(self) -> dict[str, float]:  # health numbers read at log steps only (may sync)
+        return {}
+
     def extra_state(self) -> dict:  # non-parameter state to checkpoint (e.g. the bank)
         return {}
 
@@ -95,6 +98,9 @@ def _time_mask(t: torch.Tensor, t_max: float) -> torch.Tensor:
     return (t <= t_max).float()
 
 
+PROJ_HEADS = ("centred", "standardised", "running", "mlp")
+
+
 class Repulsor(Regulariser):
     """Pooled hidden state -> MLP head -> unit vector; InfoNCE-style repulsion from the other
     samples of the global batch and a FIFO memory bank of earlier steps' projections.
@@ -103,52 +109,123 @@ class Repulsor(Regulariser):
 
     Negatives: the other samples of the global batch and the filled part of the bank (no
     gradient). Subtracting log(#negatives) turns the sum into a log-mean-exp, so values are
-    comparable across bank sizes.
+    comparable across bank sizes; every projection identical gives L = 1 / tau (collapse).
+
+    Why the head centres (`head`, --proj-head): pooled block features share a large mean, so with
+    a bank of stale negatives every sample gets nearly the same gradient (away from the bank's
+    mean); Adam turns that rank-one gradient into one shared output direction and, after the L2
+    norm, the batch collapses to a point that chases its own trail in the bank. Centring the head's
+    outputs over the global batch before the L2 norm removes that shared direction:
+      centred       u - mean_batch(u)                (the default)
+      standardised  (u - mean_batch(u)) / std_batch(u), per dimension (BatchNorm without affine)
+      running       u - running mean of u (momentum 0.9, bias-corrected; current batch included)
+      mlp           u itself (the collapsing head before the fix; an ablation)
+    Statistics come from the gathered GLOBAL batch (after the single all-gather), so N ranks x b
+    still train exactly like 1 rank x N b. Running mean and variance are kept for every head (as
+    BatchNorm does) and used in eval mode, e.g. for GMem snippets from a single image.
+    batch_weight (--repulsor-batch-weight): each in-batch negative counts this many times against
+    a bank negative (ablation of in-batch against bank weight; 1 = all negatives alike).
 
     pairs=True (train.py --noise-pairs): each rank's micro-batch is [images, same images], every
     image at two independent times and noises; the twin (row i + b/2 mod b on the same rank) is
     the positive and the loss is InfoNCE, L_i = logsumexp_{n != i}(<z_i, n> / tau) - <z_i, z_twin> / tau,
     over the twin, the rest of the global batch and the bank.
 
-    The global batch is all-gathered ONCE per micro-step, with
-    gradient (distributed.all_gather_cat), so N ranks x b train exactly like 1 rank x N b;
-    after the loss the same gathered batch is enqueued (after, so a sample never meets itself
-    in the bank).
+    The global batch is all-gathered ONCE per micro-step, with gradient
+    (distributed.all_gather_cat); after the loss the same gathered batch is enqueued (after, so a
+    sample never meets itself in the bank).
     """
+
+    MOMENTUM = 0.9  # running statistics (the `running` head's centre; eval mode for every head)
 
     def __init__(self, hidden_size: int, depth: int, proj_dim: int = 128, proj_hidden: int = 2048,
                  temperature: float = 0.5, bank_size: int = 65536, bank_dtype: str = "fp32",
                  global_batch: int = 256, pool: str = "mean", t_max: float = 1.0,
-                 device: torch.device | str = "cpu", pairs: bool = False):
+                 device: torch.device | str = "cpu", pairs: bool = False, head: str = "centred",
+                 batch_weight: float = 1.0):
         super().__init__()
         if pool != "mean":
             raise ValueError(f"unknown pooling {pool!r}; only 'mean' is implemented")
+        if head not in PROJ_HEADS:
+            raise ValueError(f"unknown projection head {head!r}; choose one of {', '.join(PROJ_HEADS)}")
         if global_batch < 2:
             raise ValueError(f"Repulsor needs a global batch (per micro-step) of at least 2, got {global_batch}: "
                              "the other samples of the batch are its first negatives")
         self.depth, self.temperature, self.t_max, self.pairs = depth, temperature, t_max, pairs
+        self.head_kind, self.batch_weight = head, batch_weight
         self.head = nn.Sequential(
             nn.Linear(hidden_size, proj_hidden), nn.SiLU(),
             nn.Linear(proj_hidden, proj_hidden), nn.SiLU(),
-            nn.Linear(proj_hidden, proj_dim),
+            nn.Linear(proj_hidden, proj_dim, bias=head == "mlp"),  # a bias would only be centred away
         )
+        self.register_buffer("running_mean", torch.zeros(proj_dim, device=device))
+        self.register_buffer("running_var", torch.ones(proj_dim, device=device))
+        self.register_buffer("running_steps", torch.zeros((), device=device))  # batches averaged so far
         self.bank = MemoryBank(bank_size, proj_dim, global_batch, bank_dtype, device)
+        self._last_batch: torch.Tensor | None = None  # for the log-step diagnostics
+
+    def _normalise(self, u: torch.Tensor) -> torch.Tensor:
+        """Raw head outputs of the global batch (B x d, fp32) -> unit vectors, centred as `head_kind` says."""
+        if not self.training:  # one image at a time works: the running statistics stand in for the batch
+            if self.head_kind == "mlp":
+                return F.normalize(u, dim=-1)
+            u = u - self.running_mean
+            if self.head_kind == "standardised":
+                u = u / (self.running_var + 1e-5).sqrt()
+            return F.normalize(u, dim=-1)
+        mean, var = u.mean(0), u.var(0, unbiased=False)
+        # Running statistics: a plain average over the first 1 / (1 - m) steps, then an EMA (no bias to
+        # correct); a non-finite batch (a step train.py skips) leaves them alone, decided without a sync.
+        ok = (torch.isfinite(mean).all() & torch.isfinite(var).all()).float()
+        steps = self.running_steps + ok
+        rate = ok * torch.clamp(1 / steps.clamp(min=1), min=1 - self.MOMENTUM)
+        running = self.running_mean.clone()
+        centre = running + rate * (mean - running)  # the running mean, the current batch included with gradient
+        with torch.no_grad():
+            self.running_steps.copy_(steps)
+            self.running_mean.copy_(torch.where(ok > 0, centre.detach(), running))
+            self.running_var.copy_(torch.where(ok > 0, self.running_var + rate * (var.detach() - self.running_var),
+                                               self.running_var))
+        if self.head_kind == "centred":
+            u = u - mean
+        elif self.head_kind == "standardised":
+            u = (u - mean) / (var + 1e-5).sqrt()
+        elif self.head_kind == "running":
+            u = u - centre
+        return F.normalize(u, dim=-1)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(hidden.mean(dim=1)).float(), dim=-1)
+        """B x N x D tokens -> unit projections (batch statistics in training, running ones in eval)."""
+        return self._normalise(self.head(hidden.mean(dim=1)).float())
 
     def forward(self, hidden: torch.Tensor | None, t: torch.Tensor,
                 images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        z = self.project(hidden)
-        if self.t_max >= 1:  # t < 1 always: keep every anchor, gather z alone
-            batch, mask = all_gather_cat(z), None
+        u = self.head(hidden.mean(dim=1)).float()
+        b = u.shape[0]
+        if self.t_max >= 1:  # t < 1 always: keep every anchor, gather u alone
+            gathered, mask = all_gather_cat(u), None
         else:  # the mask rides along as an extra column: still one all-gather
-            gathered = all_gather_cat(torch.cat([z, _time_mask(t, self.t_max)[:, None]], dim=1))
-            batch, mask = gathered[:, :-1], gathered[:, -1]
-        loss, logs = repulsor_loss(z, self.bank.negatives(), self.temperature, mask, batch=batch, pairs=self.pairs)
+            gathered = all_gather_cat(torch.cat([u, _time_mask(t, self.t_max)[:, None]], dim=1))
+            gathered, mask = gathered[:, :-1], gathered[:, -1]
+        batch = self._normalise(gathered)
+        rank = dist.get_rank() if is_dist() else 0
+        z = batch[rank * b: (rank + 1) * b]
+        loss, logs = repulsor_loss(z, self.bank.negatives(), self.temperature, mask, batch=batch, pairs=self.pairs,
+                                   batch_weight=self.batch_weight)
         self.bank.enqueue(batch.detach())
+        self._last_batch = batch.detach()
         logs["bank_fill"] = torch.tensor(self.bank.fill_fraction)
         return {"reg": loss, **logs}
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """Read at log steps only (one host sync): the effective rank of the bank's projections (of the
+        last global batch before the bank holds proj_dim rows), and of the last batch."""
+        if self._last_batch is None:
+            return {}
+        filled = self.bank.negatives()
+        source = filled if filled.shape[0] >= self.bank.dim else self._last_batch
+        return {"proj_eff_rank": effective_rank(source), "batch_eff_rank": effective_rank(self._last_batch)}
 
     def extra_state(self) -> dict:
         return {"bank": self.bank.state_dict()}
@@ -158,8 +235,25 @@ class Repulsor(Regulariser):
             self.bank.load_state_dict(state["bank"])
 
 
+def effective_rank(rows: torch.Tensor) -> float:
+    """exp(entropy of the normalised singular values) of an n x d matrix (Roy and Vetterli): 1 for rows on
+    one line, min(n, d) for an isotropic cloud. Through the smaller Gram matrix, in float64 on the host."""
+    rows = rows.float()
+    return effective_rank_from_gram(rows.T @ rows if rows.shape[0] >= rows.shape[1] else rows @ rows.T)
+
+
+def effective_rank_from_gram(gram: torch.Tensor) -> float:
+    """effective_rank of M from its Gram matrix M M^T or M^T M (the same nonzero eigenvalues)."""
+    s = torch.linalg.eigvalsh(gram.double().cpu()).clamp(min=0).sqrt()
+    if s.sum() <= 0:
+        return 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
 def repulsor_loss(z: torch.Tensor, bank: torch.Tensor, temperature: float, mask: torch.Tensor | None = None,
-                  batch: torch.Tensor | None = None, pairs: bool = False
+                  batch: torch.Tensor | None = None, pairs: bool = False, batch_weight: float = 1.0
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Repulsor loss of this rank's unit vectors z (b x d, the anchors) against the global batch
     and `bank`. fp32 even under autocast.
@@ -171,6 +265,10 @@ def repulsor_loss(z: torch.Tensor, bank: torch.Tensor, temperature: float, mask:
     is the masked mean over the global batch, as on one process holding all of it.
     pairs: row i's positive is row (i + b/2) mod b of the same rank (see Repulsor); the term is
     InfoNCE (the positive's logit subtracted) instead of the log-mean-exp over negatives.
+    batch_weight: each in-batch negative counts this many times (log w added to its logit); the
+    normaliser becomes log(w (B - 1) + K), so identical projections still give 1 / tau.
+    Logs (no gradient): batch_cos_mean, the mean cosine of this rank's anchors with the other samples
+    of the global batch (1 = the batch has collapsed to a point), and the bank's bank_cos_mean/max.
     The batch and bank blocks get separate logsumexps joined by logaddexp: no concatenated
     b x (B + K) logits and one division by tau on z, not on the logits.
     """
@@ -185,22 +283,23 @@ def repulsor_loss(z: torch.Tensor, bank: torch.Tensor, temperature: float, mask:
         logits_batch = zt @ batch.T  # b x B
         cols = torch.arange(n, device=z.device)
         is_self = cols[None, :] == cols[rank * b: (rank + 1) * b, None]  # (not one_hot: it checks values on the host)
+        with torch.no_grad():
+            logs = {"batch_cos_mean": logits_batch.masked_fill(is_self, 0.0).sum() * temperature / (b * max(n - 1, 1))}
         logits_batch = logits_batch.masked_fill(is_self, float("-inf"))
-        lse = torch.logsumexp(logits_batch, dim=1)
-        logs = {}
+        lse = torch.logsumexp(logits_batch, dim=1) + (math.log(batch_weight) if batch_weight != 1 else 0.0)
         if bank.shape[0]:
             bank = bank.to(z.device, torch.float32)
             logits_bank = zt @ bank.T  # b x K: one batched product against the whole bank
             lse = torch.logaddexp(lse, torch.logsumexp(logits_bank, dim=1))
             with torch.no_grad():
-                logs = {"bank_cos_mean": logits_bank.mean() * temperature, "bank_cos_max": logits_bank.max() * temperature}
+                logs.update(bank_cos_mean=logits_bank.mean() * temperature, bank_cos_max=logits_bank.max() * temperature)
         if pairs:
             twin = rank * b + (cols[:b] + b // 2) % b  # column of each anchor's twin in the global batch
             positive = logits_batch.gather(1, twin[:, None])[:, 0]
             per_sample = lse - positive
             logs["pair_cos"] = positive.detach().mean() * temperature
         else:
-            per_sample = lse - math.log(n - 1 + bank.shape[0])
+            per_sample = lse - math.log(batch_weight * (n - 1) + bank.shape[0])
         if mask is None:
             return per_sample.mean(), logs
         mask = mask.to(z.device, torch.float32)
@@ -236,7 +335,18 @@ class Dispersive(Regulariser):
             z = z[t <= self.t_max]  # the default t_max 1 decides in Python and never syncs
         if z.shape[0] < 2:
             return {"reg": hidden.sum() * 0.0}
-        return {"reg": dispersive_loss(z, self.variant, self.temperature, self.margin)}
+        with torch.no_grad():  # uniformity of the regularised features: 1 = every sample the same direction
+            u = F.normalize(z.detach(), dim=1)
+            self._last_gram = u @ u.T
+            n = u.shape[0]
+            cos_mean = (self._last_gram.sum() - self._last_gram.diagonal().sum()) / (n * (n - 1))
+        return {"reg": dispersive_loss(z, self.variant, self.temperature, self.margin), "batch_cos_mean": cos_mean}
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """At log steps: the effective rank of this rank's last batch of (normalised) features."""
+        gram = getattr(self, "_last_gram", None)
+        return {} if gram is None else {"batch_eff_rank": effective_rank_from_gram(gram)}
 
 
 def dispersive_loss(z: torch.Tensor, variant: str, temperature: float = 0.5, margin: float = 1.0) -> torch.Tensor:
@@ -283,9 +393,9 @@ class REPA(Regulariser):
     needs_images = True
 
     def __init__(self, hidden_size: int, depth: int, encoder: nn.Module, image_size: int,
-                 proj_hidden: int = 2048, t_max: float = 1.0):
+                 proj_hidden: int = 2048, t_max: float = 1.0, pairs: bool = False):
         super().__init__()
-        self.depth, self.image_size, self.t_max = depth, image_size, t_max
+        self.depth, self.image_size, self.t_max, self.pairs = depth, image_size, t_max, pairs
         self.z_dim = int(encoder.num_features)
         self.projector = nn.Sequential(
             nn.Linear(hidden_size, proj_hidden), nn.SiLU(),
@@ -301,14 +411,19 @@ class REPA(Regulariser):
     @torch.no_grad()
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 B x H x W x C images -> the encoder's patch tokens, B x N x z_dim (no gradient)."""
-        return patch_tokens(self.encoder, dinov2_inputs(images, self.image_size))
+        dtype = next(self.encoder.parameters()).dtype  # bf16 weights in bf16 runs (also outside autocast)
+        return patch_tokens(self.encoder, dinov2_inputs(images, self.image_size).to(dtype))
 
     def forward(self, hidden: torch.Tensor | None, t: torch.Tensor,
                 images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if images is None:
             raise ValueError("REPA needs each item's image: open the dataset with images (train.py does so for "
                              "--reg repa)")
-        target = self.targets(images)
+        if self.pairs:  # [images, same images] (--noise-pairs): encode each image once
+            half = images.shape[0] // 2
+            target = self.targets(images[:half]).repeat(2, 1, 1)
+        else:
+            target = self.targets(images)
         mask = _time_mask(t, self.t_max) if self.t_max < 1 else None
         return {"reg": repa_loss(self.projector(hidden), target, mask)}
 
@@ -372,7 +487,7 @@ def _build_dispersive(args, hidden_size, depth, global_batch, device, **_) -> Re
 def _build_repulsor(args, hidden_size, depth, global_batch, device, **_) -> Regulariser:
     return Repulsor(hidden_size, depth, args.proj_dim, args.proj_hidden, args.temperature, args.bank_size,
                     args.bank_dtype, global_batch, args.reg_pool, args.reg_t_max, device,
-                    pairs=args.noise_pairs)
+                    pairs=args.noise_pairs, head=args.proj_head, batch_weight=args.repulsor_batch_weight)
 
 
 def _build_repa(args, hidden_size, depth, global_batch, device, tokens=None, image_shape=None) -> Regulariser:
@@ -392,11 +507,13 @@ def _build_repa(args, hidden_size, depth, global_batch, device, tokens=None, ima
     size = repa_image_size(int(image_shape[0]), patch, tokens, args.repa_image_size)
     args.repa_encoder_id, args.repa_encoder_hash = encoder_identity(args.repa_encoder, args.seed)
     encoder = load_dinov2(args.repa_encoder, size, config, args.seed).to(device)
+    if args.mixed_precision == "bf16":  # it runs under bf16 autocast anyway: bf16 weights halve its memory
+        encoder = encoder.to(torch.bfloat16)
     if tuple(encoder.patch_embed.grid_size) != (size // patch,) * 2:
         raise ValueError(f"encoder {args.repa_encoder!r} has patch {encoder.patch_embed.patch_size[0]}, not "
                          f"{patch}: set \"patch_size\" in --repa-encoder-config")
     args.repa_image_size = size
-    return REPA(hidden_size, depth, encoder, size, args.proj_hidden, args.reg_t_max)
+    return REPA(hidden_size, depth, encoder, size, args.proj_hidden, args.reg_t_max, pairs=args.noise_pairs)
 
 
 # name -> builder(args, hidden_size, depth_of_tap, global_batch_per_micro_step, device, tokens=, image_shape=)

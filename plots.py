@@ -22,8 +22,14 @@ def read_jsonl(path: str) -> list[dict]:
     return rows
 
 
-def plot_metrics(metrics_path: str, out_path: str) -> str | None:
-    """Velocity / total loss (and the regulariser term, on its own axis) against step."""
+HEALTH_COSINES = ("batch_cos_mean", "bank_cos_mean")  # 1.0 = collapsed to one direction
+HEALTH_RANKS = ("proj_eff_rank", "batch_eff_rank")  # 1 = every vector on one line
+
+
+def plot_metrics(metrics_path: str, out_path: str, reg_collapse: float | None = None) -> str | None:
+    """Velocity / total loss, the regulariser term (on its own axis; `reg_collapse` marks the value it
+    takes when every projection is the same, e.g. the Repulsor's 1 / tau), and, when logged, the
+    representation's health: mean cosines (collapse at 1.0) and effective ranks (log scale)."""
     if not os.path.isfile(metrics_path):
         return None
     rows = read_jsonl(metrics_path)
@@ -31,15 +37,37 @@ def plot_metrics(metrics_path: str, out_path: str) -> str | None:
         return None
     steps = [r["step"] for r in rows]
     has_reg = "reg" in rows[0]
-    fig, axes = plt.subplots(1, 2 if has_reg else 1, figsize=(10 if has_reg else 5.5, 3.8), squeeze=False)
+    health = [k for k in HEALTH_COSINES + HEALTH_RANKS if any(k in r for r in rows)]
+    panels = 1 + has_reg + bool(health)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
     ax = axes[0, 0]
     ax.plot(steps, [r["velocity"] for r in rows], label="velocity loss")
     if has_reg:
         ax.plot(steps, [r["loss"] for r in rows], label="total loss", alpha=0.7)
         axes[0, 1].plot(steps, [r.get("reg", float("nan")) for r in rows], color="tab:red")
+        if reg_collapse is not None:
+            axes[0, 1].axhline(reg_collapse, color="gray", linestyle="--", linewidth=1,
+                               label=f"collapsed ({reg_collapse:g} = 1/tau)")
+            axes[0, 1].legend(fontsize=8)
         axes[0, 1].set(xlabel="step", ylabel="regulariser", title="regulariser term")
     ax.set(xlabel="step", ylabel="loss", title="training loss")
     ax.legend()
+    if health:
+        hx = axes[0, -1]
+        for k in health:
+            if k in HEALTH_COSINES:
+                hx.plot(steps, [r.get(k, float("nan")) for r in rows], label=k)
+        hx.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="collapsed (cos 1)")
+        hx.set(xlabel="step", ylabel="mean cosine", title="representation health", ylim=(-0.2, 1.05))
+        ranks = [k for k in health if k in HEALTH_RANKS]
+        if ranks:
+            rx = hx.twinx()
+            for k, style in zip(ranks, (":", "-.")):
+                rx.plot(steps, [r.get(k, float("nan")) for r in rows], linestyle=style, color="black", label=k)
+            rx.set_yscale("log")
+            rx.set_ylabel("effective rank (black)")
+            rx.legend(fontsize=7, loc="lower right")
+        hx.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)

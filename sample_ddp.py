@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, write_failed
 from dataset import DataError
 from distributed import DistInfo, init_distributed, is_dist
 from loss import PATH_TYPES
@@ -237,11 +237,15 @@ def chunk_files(parts: str, start: int, end: int) -> tuple[str, str]:
 
 
 def _atomic_save_npy(path: str, arr: np.ndarray) -> None:
+    """Write, fsync, rename; a full disk is one SampleError line (partial file removed, finished chunks kept)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise SampleError(write_failed(path, tmp, e, arr.nbytes) + " (finished chunks are kept: rerun resumes)") from None
     os.replace(tmp, path)
 
 
@@ -626,7 +630,12 @@ def assemble(paths: OutPaths, chunks, settings: dict, args: argparse.Namespace, 
              total_new: int, seconds: float, log, memory: dict | None = None) -> None:
     files = [chunk_files(paths.parts, s, e) for s, e in chunks]
     t0 = time.time()
-    labels = write_npz(paths.npz, files, args.num_samples)
+    try:
+        labels = write_npz(paths.npz, files, args.num_samples)
+    except OSError as e:  # e.g. a full disk: the chunks stay, so a rerun only reassembles
+        image_bytes = sum(os.path.getsize(f) for f, _ in files)
+        raise SampleError(write_failed(paths.npz, f"{paths.npz}.tmp-{os.getpid()}", e, image_bytes)
+                          + " (the chunks are kept: rerun to assemble)") from None
     npz_seconds = time.time() - t0
 
     grid, have = [], 0

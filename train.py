@@ -33,8 +33,8 @@ from dataset import (DataError, DistributedEpochSampler, LatentDataset, atomic_w
 from distributed import barrier, cleanup, init_distributed, is_dist
 from gmem import MemoryBankError, MemoryDataset, SnippetMemory, open_dataset_memory
 from encoders import DEFAULT_DINOV2
-from loss import (PATH_TYPES, REGULARISERS, TIME_SAMPLINGS, Dispersive, Regulariser, build_regulariser, interpolate,
-                  needs_images, sample_time, velocity_loss)
+from loss import (PATH_TYPES, PROJ_HEADS, REGULARISERS, TIME_SAMPLINGS, Dispersive, Regulariser, build_regulariser,
+                  interpolate, needs_images, sample_time, velocity_loss)
 from memory_bank import BANK_DTYPES
 from models.sit import SiT, SiT_models, build_sit, load_sit_state_dict
 
@@ -49,8 +49,8 @@ class TrainError(RuntimeError):
 RESUME_MUST_MATCH = ("global_batch_size", "grad_accum_steps", "seed", "path_type", "time_sampling", "reg", "cond",
                      "noise_pairs")
 RESUME_MUST_MATCH_REG = ("reg_weight", "reg_depth", "reg_t_max", "temperature", "proj_dim", "proj_hidden", "bank_size",
-                         "bank_dtype", "reg_pool", "disp_variant", "disp_margin", "repa_encoder_hash",
-                         "repa_encoder_config", "repa_image_size")
+                         "bank_dtype", "reg_pool", "proj_head", "repulsor_batch_weight", "disp_variant", "disp_margin",
+                         "repa_encoder_hash", "repa_encoder_config", "repa_image_size")
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,6 +64,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "'none': start fresh (refuses a run directory that holds checkpoints); or a checkpoint path")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--dist-timeout-min", type=float, default=60.0,
+                   help="minutes a collective may wait (ranks wait while rank 0 writes a checkpoint)")
     g = p.add_argument_group("model")
     g.add_argument("--model", type=str, default="SiT-B/2", choices=list(SiT_models) + ["custom"],
                    help="named size; 'custom' builds from --depth/--hidden-size/--num-heads/--patch-size")
@@ -123,6 +125,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--bank-size", type=int, default=65536, help="repulsor: memory bank K (0 = in-batch only)")
     g.add_argument("--bank-dtype", type=str, default="fp32", choices=list(BANK_DTYPES))
     g.add_argument("--reg-pool", type=str, default="mean", choices=["mean"], help="repulsor: token pooling")
+    g.add_argument("--proj-head", type=str, default="centred", choices=PROJ_HEADS,
+                   help="repulsor: how head outputs are centred over the global batch before the L2 norm "
+                        "(mlp: not at all, the head that collapses; see loss.Repulsor)")
+    g.add_argument("--repulsor-batch-weight", type=float, default=1.0,
+                   help="repulsor: weight of each in-batch negative against a bank negative (ablation)")
     g.add_argument("--disp-variant", type=str, default="infonce_l2", choices=Dispersive.VARIANTS)
     g.add_argument("--disp-margin", type=float, default=1.0, help="dispersive hinge margin")
     g.add_argument("--repa-encoder", type=str, default=DEFAULT_DINOV2,
@@ -167,6 +174,8 @@ def validate_args(args: argparse.Namespace) -> None:
     checks += [("cfg_prob", 0 <= args.cfg_prob < 1, "must be in [0, 1)"),
                ("ema_decay", 0 <= args.ema_decay <= 1, "must be in [0, 1]"),
                ("temperature", args.temperature > 0, "must be > 0"),
+               ("dist_timeout_min", args.dist_timeout_min > 0, "must be > 0"),
+               ("repulsor_batch_weight", args.repulsor_batch_weight > 0, "must be > 0"),
                ("lr", args.lr > 0, "must be > 0"),
                ("adam_beta1", 0 <= args.adam_beta1 < 1, "must be in [0, 1)"),
                ("adam_beta2", 0 <= args.adam_beta2 < 1, "must be in [0, 1)"),
@@ -285,7 +294,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.G
                              ~torch.isfinite(terms_sum["loss"]), ~torch.isfinite(grad_norm)]).float()
     if is_dist():  # a bad step on one rank is skipped on all of them
         dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
-    opt.found_inf = nonfinite.amax()  # the fused kernel leaves weights and moments alone when this is 1
+    opt.found_inf = (nonfinite.amax() > 0).float()  # exactly 0 or 1: the fused kernel skips the update at 1
     opt.step()
     del opt.found_inf
     scaler.update()  # fp16: back off the loss scale after an overflow
@@ -526,6 +535,8 @@ def restore_training_state(ckpt: dict, path: str, args: argparse.Namespace, mani
     if ckpt["model_config"] != model_config:
         diff = ", ".join(f"{k}={v}" for k, v in ckpt["model_config"].items() if model_config.get(k) != v)
         raise CheckpointError(f"checkpoint {path} was trained with a different model ({diff}): resume with its flags")
+    if args.reg == "repulsor" and "proj_head" not in ckpt["args"]:  # written before --proj-head existed
+        ckpt["args"]["proj_head"] = "mlp"
     for key in RESUME_MUST_MATCH + (RESUME_MUST_MATCH_REG if args.reg != "none" else ()):
         if ckpt["args"].get(key) is not None and ckpt["args"][key] != getattr(args, key):
             raise CheckpointError(f"checkpoint {path} was trained with --{key.replace('_', '-')} "
@@ -585,7 +596,7 @@ def trim_metrics(run_dir: str, step: int) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    info = init_distributed(args.device)
+    info = init_distributed(args.device, args.dist_timeout_min)
     device, rank, world = info.device, info.rank, info.world_size
     per_image = 2 if args.noise_pairs else 1  # samples per image in a batch
     if args.global_batch_size % (world * args.grad_accum_steps * per_image):
@@ -656,7 +667,9 @@ def main(args: argparse.Namespace) -> None:
     if args.compile:
         sit.compile()  # in place: state-dict keys stay plain
     # Wrapped after loading: DDP's construction broadcasts rank 0's weights, so every rank starts equal.
-    ddp = DDP(train_module, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else train_module
+    ddp = (DDP(train_module, device_ids=[device.index] if device.type == "cuda" else None,
+               gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copy, less memory
+           if world > 1 else train_module)
 
     if info.is_main:  # written once the lock is held and the resume checks passed: it describes the weights
         atomic_write_json(os.path.join(run_dir, "config.json"),
@@ -722,6 +735,7 @@ def main(args: argparse.Namespace) -> None:
                     avg /= world
                 elapsed = time.time() - t_window
                 metrics = {k: avg[j].item() for j, k in enumerate(keys)}
+                metrics.update(reg.diagnostics())  # e.g. the effective rank of the Repulsor's projections
                 metrics.update(step=step, steps_per_s=len(window) / elapsed,
                                samples_per_s=len(window) * args.global_batch_size / elapsed, ema_decay=decay,
                                skipped_steps=skipped)
@@ -775,10 +789,15 @@ def manifest_for_sampling(manifest: dict) -> dict:
 
 
 def plot_loss_curve(run_dir: str) -> str | None:
-    """loss_curve.png from metrics.jsonl (velocity and total loss, and the regulariser if any)."""
+    """loss_curve.png from metrics.jsonl (velocity and total loss, and the regulariser and its health if any);
+    the Repulsor's collapse level, 1 / tau (every projection identical), is marked."""
     from plots import plot_metrics
 
-    return plot_metrics(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss_curve.png"))
+    config = os.path.join(run_dir, "config.json")
+    args = json.load(open(config))["args"] if os.path.isfile(config) else {}
+    collapse = 1 / args["temperature"] if args.get("reg") == "repulsor" and not args.get("noise_pairs") else None
+    return plot_metrics(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss_curve.png"),
+                        reg_collapse=collapse)
 
 
 def make_sample_grid_fn(args, ema: SiT, manifest: dict, run_dir: str, device: torch.device):

@@ -6,6 +6,7 @@ and repulsor; FID at several step counts (fixed sample count, reference and samp
     python benchmarks/convergence.py --ablation --seeds 0             # Repulsor ablation, 1 seed
     python benchmarks/convergence.py --study scale                    # none vs repulsor at widths 32, 64, 128
     python benchmarks/convergence.py --study pairs                    # the noise-pair positive (--noise-pairs)
+    python benchmarks/convergence.py --study heads --steps 1600 --eval-every 800   # the collapse fix (--proj-head)
 
 The README lists the exact commands behind its tables.
 
@@ -74,7 +75,16 @@ PAIRS = {
     "pairs-none": ["--reg", "none", "--noise-pairs"],
     "pairs-repulsor": ["--reg", "repulsor", "--noise-pairs"],
 }
-STUDIES = ("main", "ablation", "scale", "pairs")
+# Projection heads (the collapse fix): the head before the fix (mlp) collapses within the batch; each
+# candidate fix changes only --proj-head (or the in-batch weight); "repulsor" is today's default (centred).
+HEADS = {
+    "repulsor-mlp": ["--reg", "repulsor", "--proj-head", "mlp"],
+    "repulsor": ["--reg", "repulsor"],
+    "repulsor-standardised": ["--reg", "repulsor", "--proj-head", "standardised"],
+    "repulsor-running": ["--reg", "repulsor", "--proj-head", "running"],
+    "repulsor-mlp-bw32": ["--reg", "repulsor", "--proj-head", "mlp", "--repulsor-batch-weight", "32"],
+}
+STUDIES = ("main", "ablation", "scale", "pairs", "heads")
 
 
 def study_configs(a: argparse.Namespace) -> dict[str, list[str]]:
@@ -82,6 +92,8 @@ def study_configs(a: argparse.Namespace) -> dict[str, list[str]]:
         return ABLATION
     if a.study == "pairs":
         return PAIRS
+    if a.study == "heads":
+        return {"none": MAIN["none"], **HEADS}
     if a.study == "scale":
         configs = dict(scale_config(w, reg) for w in a.widths for reg in SCALE_REGS)
         if a.dispersive_width in a.widths:  # the in-batch baseline at one width (default: the largest)
@@ -93,7 +105,7 @@ def study_configs(a: argparse.Namespace) -> dict[str, list[str]]:
 def known_configs(a: argparse.Namespace) -> dict[str, list[str]]:
     widths = sorted({*SCALE_WIDTHS, *a.widths})
     scale = dict(scale_config(w, reg) for w in widths for reg in (*SCALE_REGS, "dispersive"))
-    return {**MAIN, **ABLATION, **PAIRS, **scale}
+    return {**MAIN, **ABLATION, **PAIRS, **HEADS, **scale}
 
 
 def get_args() -> argparse.Namespace:
@@ -182,6 +194,33 @@ def run_all(a: argparse.Namespace, configs: dict, results: dict, results_path: s
                     json.dump(results, f, indent=2)
                 os.remove(npz)  # keep only the number (and the grid)
                 print(f"{key}: FID-{a.fid_samples} {fid:.2f}", flush=True)
+            health = run_health(os.path.join(a.out, exp), a.steps)
+            if health:
+                results[f"{exp}/health"] = {"config": name, "seed": seed, "step": a.steps, **health}
+                with open(results_path, "w") as f:
+                    json.dump(results, f, indent=2)
+
+
+def run_health(run_dir: str, steps: int) -> dict:
+    """The regulariser's health over the second half of a run, from its metrics.jsonl: the largest
+    mean in-batch cosine (1 = collapsed), the smallest effective rank of the projections, and the
+    closest the Repulsor term came to its collapse value 1 / tau."""
+    from plots import read_jsonl
+
+    rows = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if steps / 2 <= r["step"] <= steps]
+    args = json.load(open(os.path.join(run_dir, "config.json")))["args"]
+    out = {}
+    for key, pick in (("batch_cos_mean", max), ("bank_cos_mean", max), ("proj_eff_rank", min),
+                      ("batch_eff_rank", min)):
+        vals = [r[key] for r in rows if key in r]
+        if vals:
+            out[f"{key}_{pick.__name__}"] = pick(vals)
+    if args.get("reg") == "repulsor" and any("reg" in r for r in rows):
+        out["reg_gap_to_collapse_min"] = min(abs(r["reg"] - 1 / args["temperature"]) for r in rows if "reg" in r)
+    vel = [r["velocity"] for r in rows]
+    if vel:
+        out["velocity_mean"] = sum(vel) / len(vel)
+    return out
 
 
 def mean_spread(vals: list[float], signed: bool = False, digits: int = 1) -> str:
@@ -251,6 +290,23 @@ def scale_tables(fid: dict[tuple[str, int, int], float], widths: list[int], step
     return lines, series
 
 
+HEALTH_COLUMNS = (("batch_cos_mean_max", "max batch cos", 3), ("proj_eff_rank_min", "min eff. rank (bank)", 1),
+                  ("batch_eff_rank_min", "min eff. rank (batch)", 1),
+                  ("reg_gap_to_collapse_min", "min abs(reg - 1/tau)", 3), ("velocity_mean", "velocity loss", 4))
+
+
+def health_table(health: dict, names: list[str]) -> str:
+    """Second-half health of each run (one row per config and seed), from run_health."""
+    lines = ["Health over the second half of each run (run_health):", "",
+             "| config | seed | " + " | ".join(c[1] for c in HEALTH_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(HEALTH_COLUMNS)]
+    for name in names:
+        for r in sorted((r for r in health.values() if r["config"] == name), key=lambda r: r["seed"]):
+            cells = [f"{r[k]:.{d}f}" if k in r else "-" for k, _, d in HEALTH_COLUMNS]
+            lines.append(f"| {name} | {r['seed']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
     """Tables: FID per config and step, and its difference to the study's baseline at the same seed
     (fid_tables: --reg none; pairs-none for the noise-pair study; none at the same width for the
@@ -258,9 +314,12 @@ def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
     from plots import plot_fid_bars, plot_fid_curves, plot_paired_vs_params
 
     # ablation rows beside the references: the baseline, the ablation's base and today's default
-    names = {"ablation": ["none", "repulsor-tau0.2", "repulsor"], "pairs": ["none", "repulsor"]}.get(a.study, [])
+    names = {"ablation": ["none", "repulsor-tau0.2", "repulsor"], "pairs": ["none", "repulsor"],
+             "heads": ["none"]}.get(a.study, [])
     names += [n for n in configs if n not in names]
     baseline = "pairs-none" if a.study == "pairs" else "none"
+    health = {k: r for k, r in results.items() if k.endswith("/health")}
+    results = {k: r for k, r in results.items() if not k.endswith("/health")}
     steps = sorted({r["step"] for r in results.values() if r["config"] in names and r["step"] <= a.steps})
     fid = {(r["config"], r["seed"], r["step"]): r["fid"] for r in results.values()}
     lines, paired, means = fid_tables(fid, names, steps, baseline)
@@ -270,6 +329,8 @@ def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
         table = "\n".join(lines) + "\n\nFID minus none's FID at the same width and seed:\n\n" + "\n".join(rows)
     else:
         table = "\n".join(lines) + f"\n\nFID minus {baseline}'s FID at the same seed:\n\n" + "\n".join(paired)
+    if a.study == "heads":
+        table += "\n\n" + health_table(health, names)
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(table + "\n")
     seeds = sorted({seed for c, seed, _ in fid if c in names})
@@ -280,6 +341,9 @@ def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
     elif a.study == "scale":
         png = plot_paired_vs_params(series, os.path.join(a.out, "scale.png"),
                                     title=f"FID-{a.fid_samples} difference to plain SiT (seeds {seeds})")
+    elif a.study == "heads":
+        png = plot_fid_curves(curves, os.path.join(a.out, "heads.png"),
+                              title=f"Repulsor heads: FID-{a.fid_samples} (mean over seeds {seeds})")
     elif a.study == "pairs":
         png = plot_fid_curves(curves, os.path.join(a.out, "pairs.png"),
                               title=f"Noise pairs: FID-{a.fid_samples} (mean over seeds {seeds})")

@@ -228,17 +228,18 @@ def sit_block_and_head(ckpt: dict, model_depth: int, depth: int | None) -> tuple
     depth = reg_block if depth is None else depth
     if not 1 <= depth <= model_depth:
         raise CheckpointError(f"--sit-depth {depth} is outside 1..{model_depth} for this checkpoint's model")
-    state = {k: v for k, v in (ckpt.get("regulariser") or {}).items() if k.startswith("head.")}
+    state = {k: v for k, v in (ckpt.get("regulariser") or {}).items() if k.startswith(("head.", "running_"))}
     if reg != "repulsor" or not state or depth != reg_block:
         return depth, None  # the head was trained on the regulariser's block only
     hidden, proj_hidden, proj_dim = state["head.0.weight"].shape[1], state["head.0.weight"].shape[0], \
         state["head.4.weight"].shape[0]
-    head = Repulsor(hidden, depth, proj_dim, proj_hidden, bank_size=0, global_batch=2)
-    try:
-        head.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"the checkpoint's Repulsor head does not load ({str(e).splitlines()[0]}): "
-                              "it was not written by this train.py") from None
+    # Checkpoints from before --proj-head hold the uncentred head (with a last bias, no running statistics).
+    kind = args.get("proj_head") or "mlp"
+    head = Repulsor(hidden, depth, proj_dim, proj_hidden, bank_size=0, global_batch=2, head=kind)
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    if unexpected or (set(missing) - {"running_mean", "running_var", "running_steps"}) or (missing and kind != "mlp"):
+        raise CheckpointError(f"the checkpoint's Repulsor head does not load (missing {missing}, unexpected "
+                              f"{unexpected}): it was not written by this train.py") from None
     return depth, head.eval().requires_grad_(False)
 
 

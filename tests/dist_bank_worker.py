@@ -53,10 +53,13 @@ PAIR_LOCAL = 4
 DDP_LOCAL = 3
 DDP_STEPS = 2  # the second step meets the first step's batch in the bank
 DDP_REG_WEIGHT = 1.0
-DDP_CONFIGS = {  # name: (bank size, rows pre-filled, t_max)
-    "nobank": (0, 0, 1.0),
-    "bank": (12, 6, 1.0),  # step 1 fills it, step 2 wraps
-    "bank_mask": (12, 6, 0.5),
+DDP_CONFIGS = {  # name: (bank size, rows pre-filled, t_max, projection head)
+    "nobank": (0, 0, 1.0, "centred"),
+    "bank": (12, 6, 1.0, "centred"),  # step 1 fills it, step 2 wraps; centred over the GLOBAL batch
+    "bank_mask": (12, 6, 0.5, "centred"),
+    "bank_standardised": (12, 6, 1.0, "standardised"),
+    "bank_running": (12, 6, 1.0, "running"),
+    "bank_mlp": (12, 6, 1.0, "mlp"),
 }
 
 
@@ -83,7 +86,7 @@ def pair_inputs(world: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def ddp_module(config: str) -> TrainModule:
     """The same tiny SiT + Repulsor on every rank and in the single-process reference."""
-    bank_size, prefill, t_max = DDP_CONFIGS[config]
+    bank_size, prefill, t_max, head = DDP_CONFIGS[config]
     torch.manual_seed(0)
     sit = build_sit(depth=2, hidden_size=32, num_heads=2, patch_size=4, input_size=8, in_channels=2,
                     num_classes=3, class_dropout_prob=0.0)
@@ -91,7 +94,7 @@ def ddp_module(config: str) -> TrainModule:
         for p in sit.parameters():
             p.add_(0.05 * torch.randn_like(p))
     reg = Repulsor(32, depth=1, proj_dim=8, proj_hidden=16, temperature=0.3, bank_size=bank_size,
-                   global_batch=2 * DDP_LOCAL, t_max=t_max)
+                   global_batch=2 * DDP_LOCAL, t_max=t_max, head=head)
     if prefill:
         queue = torch.zeros(bank_size, 8)
         queue[:prefill] = F.normalize(torch.randn(prefill, 8), dim=1)

@@ -398,16 +398,23 @@ def test_dinov2_local_weights_file_with_resampled_positions(tmp_path):
     one_line(e)
 
 
-def sit_checkpoint(path: str, reg: str = "repulsor", **args) -> tuple[SiT, Repulsor | None]:
-    """A train.py-format checkpoint of a tiny SiT on 1 x 8 x 8 data (weights off adaLN-Zero)."""
+def sit_checkpoint(path: str, reg: str = "repulsor", proj_head: str | None = "centred",
+                   **args) -> tuple[SiT, Repulsor | None]:
+    """A train.py-format checkpoint of a tiny SiT on 1 x 8 x 8 data (weights off adaLN-Zero).
+    proj_head None: a checkpoint from before --proj-head (uncentred head, no running statistics)."""
     model = tiny_sit(num_classes=4)
     head = None
     state = {}
     if reg == "repulsor":
-        head = Repulsor(32, 1, proj_dim=8, proj_hidden=16, bank_size=0, global_batch=2)
+        head = Repulsor(32, 1, proj_dim=8, proj_hidden=16, bank_size=0, global_batch=2, head=proj_head or "mlp")
         for p in head.parameters():
             p.data.add_(0.05 * torch.randn_like(p))
+        head.running_mean.normal_()  # the centre eval mode uses for single images
         state = head.state_dict()
+        if proj_head is None:
+            state = {k: v for k, v in state.items() if not k.startswith("running_")}
+        else:
+            args["proj_head"] = proj_head
     save_checkpoint(path, {"ema": model.state_dict(), "model": model.state_dict(), "regulariser": state,
                            "model_config": model.config.to_dict(), "step": 7,
                            "args": {"reg": reg, "reg_depth": None, "model": "custom", "depth": 2,
@@ -429,9 +436,12 @@ def sit_argv(data_dir: str, ckpt: str, *extra: str) -> list[str]:
             "--workers", "0", *extra]
 
 
-def test_sit_snippets_are_the_repulsor_projection_of_the_clean_latent(latent_data, tmp_path):
+@pytest.mark.parametrize("proj_head", ["centred", None])
+def test_sit_snippets_are_the_repulsor_projection_of_the_clean_latent(latent_data, tmp_path, proj_head):
+    """Snippets: the head's projection of each image alone, centred with the head's running mean (an
+    uncentred head from before --proj-head: not centred)."""
     ckpt = str(tmp_path / "run" / "checkpoints" / "0000007.pt")
-    model, head = sit_checkpoint(ckpt)
+    model, head = sit_checkpoint(ckpt, proj_head=proj_head)
     assert build_memory(sit_argv(latent_data, ckpt)) == 0
     mem = gmem.open_dataset_memory(latent_data, "sit-run-0000007")
     assert mem.dim == 8 and mem.meta["settings"]["depth"] == 1 and mem.meta["settings"]["head"] == "repulsor"
@@ -439,8 +449,11 @@ def test_sit_snippets_are_the_repulsor_projection_of_the_clean_latent(latent_dat
     x = (torch.stack([base[i][0] for i in range(10)]).float() - 0.1) * 2.0  # posterior mean, scaled
     with torch.no_grad():
         _, hidden = model.eval()(x, torch.zeros(10), torch.full((10,), 4), return_hidden_at=1)  # null class
-        want = torch.nn.functional.normalize(head.head(hidden.mean(1)), dim=1)
+        u = head.head(hidden.mean(1))
+        want = torch.nn.functional.normalize(u - head.running_mean if proj_head else u, dim=1)
     torch.testing.assert_close(mem[np.arange(10)], want, atol=2e-3, rtol=0)
+    if proj_head is None:
+        return
     # Without a Repulsor head: the pooled hidden state, hidden-size wide.
     plain = str(tmp_path / "plain.pt")
     model, _ = sit_checkpoint(plain, reg="none")

@@ -27,7 +27,8 @@ sys.path.insert(0, ROOT)
 from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from dataset import write_dataset  # noqa: E402
 from loss import (  # noqa: E402
-    REGULARISERS, Dispersive, Repulsor, build_regulariser, default_reg_depth, dispersive_loss, repulsor_loss,
+    REGULARISERS, Dispersive, Repulsor, build_regulariser, default_reg_depth, dispersive_loss, effective_rank,
+    repulsor_loss,
 )
 from memory_bank import MemoryBank  # noqa: E402
 from models.sit import build_sit  # noqa: E402
@@ -193,14 +194,62 @@ def small_repulsor(bank_steps: int = 3, global_batch: int = 4, hidden: int = 8, 
                     bank_size=bank_steps * global_batch, global_batch=global_batch, **kw)
 
 
+def ref_projections(rep: Repulsor, hidden: torch.Tensor, kind: str = "centred") -> torch.Tensor:
+    """Independent reference of the head: pool tokens, MLP, centre over the batch (or not), unit norm."""
+    u = rep.head(hidden.mean(dim=1)).double()
+    if kind in ("centred", "standardised"):
+        u = u - u.mean(0)
+    if kind == "standardised":
+        u = u / (u.pow(2).mean(0) + 1e-5).sqrt()
+    return (u / u.norm(dim=1, keepdim=True)).float()
+
+
+@pytest.mark.parametrize("kind", ["centred", "standardised", "mlp"])
+def test_repulsor_head_kinds_match_reference(kind):
+    rep = small_repulsor(head=kind)
+    h = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(rep.project(h), ref_projections(rep, h, kind), rtol=1e-5, atol=1e-6)
+    assert (rep.head[-1].bias is None) == (kind != "mlp")  # a bias would be centred away
+    z = rep.project(h).detach()
+    if kind != "mlp":  # centred rows sum to zero before the norm: their mean cosine is about -1 / (B - 1)
+        assert (z.sum(0).norm() < z.shape[0]).item()
+
+
+def test_repulsor_running_statistics_in_eval_and_running_head():
+    """Running mean: the plain average of the batch means over the first 1 / (1 - m) steps; eval mode
+    centres single images with it; the `running` head centres with it (current batch included)."""
+    rep = small_repulsor(head="running")
+    g = torch.Generator().manual_seed(5)
+    hs = [torch.randn(4, 3, 8, generator=g) + 2.0 for _ in range(3)]
+    means = []
+    for i, h in enumerate(hs):
+        with torch.no_grad():
+            u = rep.head(h.mean(dim=1))
+            means.append(u.mean(0))
+            centre = torch.stack(means).mean(0)
+            torch.testing.assert_close(rep.project(h), F.normalize(u - centre, dim=1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rep.running_mean, torch.stack(means).mean(0))
+    assert rep.running_steps.item() == 3
+    rep.eval()
+    one = hs[0][:1]
+    with torch.no_grad():
+        torch.testing.assert_close(rep.project(one), F.normalize(rep.head(one.mean(dim=1)) - rep.running_mean, dim=1))
+    before = rep.running_mean.clone()
+    rep.train()
+    with torch.no_grad():
+        rep.project(torch.full((4, 3, 8), float("nan")))  # a skipped (non-finite) step leaves the statistics
+    torch.testing.assert_close(rep.running_mean, before)
+    assert rep.running_steps.item() == 3
+
+
 def test_repulsor_module_pools_projects_and_uses_only_the_filled_bank():
     rep = small_repulsor(bank_steps=3)
     g = torch.Generator().manual_seed(7)
     h1, h2 = torch.randn(4, 5, 8, generator=g), torch.randn(4, 5, 8, generator=g)
     t = torch.full((4,), 0.5)
     with torch.no_grad():
-        z1 = F.normalize(rep.head(h1.mean(dim=1)), dim=1)
-        z2 = F.normalize(rep.head(h2.mean(dim=1)), dim=1)
+        z1, z2 = ref_projections(rep, h1), ref_projections(rep, h2)
     torch.testing.assert_close(rep.project(h1).detach(), z1)
     torch.testing.assert_close(z1.norm(dim=1), torch.ones(4))
     out1 = rep(h1, t)  # empty bank: in-batch negatives only
@@ -517,11 +566,12 @@ def two_rank_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("config", ["nobank", "bank", "bank_mask"])
+@pytest.mark.parametrize("config", ["nobank", "bank", "bank_mask", "bank_standardised", "bank_running", "bank_mlp"])
 def test_two_ranks_train_like_one_process_with_the_whole_batch(two_rank_run, config):
     """DDP over 2 ranks x b gives the parameter gradients of 1 process x 2b (the Repulsor's
     negatives from the other rank carry gradient), with and without a bank and with the t_max
-    mask; each micro-step all-gathers once (loss and enqueue share it) and all-reduces once
+    mask, and with every projection head (centring statistics over the gathered global batch, so a
+    per-rank BatchNorm would fail here); each micro-step all-gathers once (loss and enqueue share it) and all-reduces once
     in backward (the gather's; DDP's own reduction is not a Python-level call)."""
     import dist_bank_worker as w
 
@@ -706,3 +756,50 @@ def test_noise_pairs_step_sees_each_image_twice_at_independent_times_and_noises(
     assert x.shape[0] == 8 and torch.equal(x[:4], batch[0]) and torch.equal(x[4:], batch[0])
     assert torch.equal(labels_seen[0], torch.tensor([0, 1, 2, 1, 0, 1, 2, 1]))
     assert (noise[:4] - noise[4:]).abs().amin(dim=(1, 2, 3)).gt(0).all() and (t[:4] != t[4:]).all()
+
+
+def _train_head_alone(head: str, steps: int = 60, batch: int = 32, hidden: int = 32) -> tuple[dict, dict]:
+    """The collapse of issue 19 in seconds: pooled features with a large shared mean (as block outputs
+    have), the Repulsor head trained alone with Adam against a bank of 32 stale batches."""
+    torch.manual_seed(0)
+    rep = Repulsor(hidden, 1, proj_dim=16, proj_hidden=64, temperature=0.5, bank_size=32 * batch,
+                   global_batch=batch, head=head)
+    opt = torch.optim.Adam(rep.parameters(), lr=1e-3)
+    mean = 3 * torch.randn(hidden)
+    for _ in range(steps):
+        out = rep(mean + 0.3 * torch.randn(batch, 4, hidden), torch.rand(batch))
+        opt.zero_grad()
+        out["reg"].backward()
+        opt.step()
+    return {k: v.item() for k, v in out.items()}, rep.diagnostics()
+
+
+def test_old_head_collapses_and_centred_head_stays_spread():
+    """Regression test of the fix: the uncentred head (--proj-head mlp) sends the whole batch to one
+    point (mean in-batch cosine ~1, the term stuck near 1 / tau, effective rank ~1); the default
+    centred head keeps the batch and the bank spread."""
+    old, old_diag = _train_head_alone("mlp")
+    assert old["batch_cos_mean"] > 0.9 and old_diag["batch_eff_rank"] < 2
+    new, new_diag = _train_head_alone("centred")
+    assert new["batch_cos_mean"] < 0.5
+    assert new_diag["batch_eff_rank"] >= 8 and new_diag["proj_eff_rank"] >= 8  # of 16 dimensions
+    assert abs(new["reg"] - 1 / 0.5) > 0.5
+
+
+def test_effective_rank_reference():
+    assert effective_rank(torch.eye(8)) == pytest.approx(8.0)
+    assert effective_rank(torch.ones(20, 8)) == pytest.approx(1.0)  # every row the same direction
+    m = torch.diag(torch.tensor([3.0, 1.0]))
+    p = torch.tensor([0.75, 0.25])
+    assert effective_rank(m) == pytest.approx(float(torch.exp(-(p * p.log()).sum())))
+    assert effective_rank(torch.randn(5, 40)) == pytest.approx(effective_rank(torch.randn(5, 40).T), abs=5)
+
+
+def test_dispersive_logs_uniformity():
+    disp = Dispersive(1, "infonce_l2")
+    h = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(3))
+    out = disp(h, torch.full((6,), 0.5))
+    u = F.normalize(h.reshape(6, -1), dim=1)
+    cos = u @ u.T
+    assert close(out["batch_cos_mean"], (cos.sum() - cos.diagonal().sum()) / 30)
+    assert 1 <= disp.diagnostics()["batch_eff_rank"] <= 6

@@ -347,3 +347,28 @@ def test_overhead_benchmark_counts_and_runs_repa(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
     assert {"none", "dispersive", "repa"} <= set(rows) and "encoder fwd" in rows["repa"]
     assert "architecture, 85.5M params" in proc.stdout and "resized to 28 px" in proc.stdout  # ViT-B, 2 x 2 tokens
+
+
+def test_noise_pairs_encode_each_image_once_and_bf16_runs_keep_bf16_encoder_weights(repa_files):
+    """--noise-pairs: the batch is [images, same images]; the encoder sees each image once and the
+    targets are repeated (the same loss as encoding both halves). bf16 runs: bf16 encoder weights."""
+    enc = encoders.load_dinov2("random", 56, TINY_VIT)
+    plain = REPA(hidden_size=64, depth=2, encoder=enc, image_size=56, proj_hidden=48)
+    paired = REPA(hidden_size=64, depth=2, encoder=enc, image_size=56, proj_hidden=48, pairs=True)
+    paired.projector.load_state_dict(plain.projector.state_dict())
+    seen = []
+    enc.patch_embed.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0]))
+    images = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8)
+    images = torch.cat([images, images])
+    hidden, t = torch.randn(6, 16, 64), torch.rand(6)
+    want = plain(hidden, t, images)["reg"]
+    got = paired(hidden, t, images)["reg"]
+    assert seen == [6, 3]
+    torch.testing.assert_close(got, want)
+
+    a = repa_args(repa_files["vit"], "--mixed-precision", "bf16")
+    reg = build_regulariser(a, None, 64, 2, 4, "cpu", tokens=16, image_shape=(16, 16, 3))
+    assert next(reg.encoder.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in reg.projector.parameters())  # trained weights stay fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(reg(torch.randn(4, 16, 64), torch.rand(4), images[:4])["reg"])

@@ -386,3 +386,65 @@ def test_main_first_builds_on_rank_zero_before_the_others_and_shares_its_error(m
         raise ValueError("bad encoder")
     with pytest.raises(ValueError, match="bad encoder"):
         train.main_first(SimpleNamespace(is_main=True), fail)
+
+
+def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint write that hits a full disk (injected ENOSPC after part of the file) is one
+    CheckpointError line naming the path and the bytes needed; the partial file is gone and the
+    previous checkpoint loads. The same for a sample chunk of sample_ddp.py."""
+    import errno
+
+    import checkpoint
+    import sample_ddp
+
+    ckpt_dir = tmp_path / "checkpoints"
+    good = str(ckpt_dir / "0000001.pt")
+    checkpoint.save_checkpoint(good, {"step": 1, "w": torch.ones(10)})
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.save_checkpoint(str(ckpt_dir / "0000002.pt"), {"step": 2, "w": torch.ones(1000)})
+    msg = str(e.value)
+    assert "\n" not in msg and "no space left writing" in msg and "0000002.pt" in msg and "0.0 MB needed" in msg
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(os.listdir(ckpt_dir)) == ["0000001.pt"]  # no partial or temporary file left
+    assert load_checkpoint(good)["step"] == 1
+
+    def full_disk_npy(f, arr, *a, **k):
+        f.write(b"x" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full_disk_npy)
+    with pytest.raises(sample_ddp.SampleError) as e:
+        sample_ddp.save_chunk(str(tmp_path), 0, 4, np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4))
+    assert "\n" not in str(e.value) and "no space left" in str(e.value) and "rerun resumes" in str(e.value)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+def test_skip_flag_is_exactly_zero_or_one_and_dist_timeout_is_a_flag(monkeypatch):
+    """The fused AdamW kernel reads found_inf as 0 (apply) or 1 (skip): by construction, not by the reduce."""
+    args = get_args(["--data-dir", "x", *TINY_MODEL, "--global-batch-size", "4", "--device", "cpu"])
+    assert args.dist_timeout_min == 60.0
+    torch.manual_seed(0)
+    sit = build_sit(None, depth=2, hidden_size=32, num_heads=2, patch_size=4, input_size=8, in_channels=4,
+                    num_classes=3)
+    module = TrainModule(sit, build_regulariser(args, None, 32, 2, 4, "cpu"))
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = make_optimizer(params, args)
+    seen = []
+    real_step = opt.step
+    monkeypatch.setattr(opt, "step", lambda: (seen.append(opt.found_inf.clone()), real_step()))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scale, shift = torch.ones(4, 1, 1), torch.zeros(4, 1, 1)
+    batch = (torch.randn(4, 4, 8, 8), torch.zeros(4, 4, 8, 8), torch.randint(0, 3, (4,)))
+    train_step(module, opt, scaler, params, batch, args, scale, shift, None)
+    bad = (batch[0] * float("nan"), batch[1], batch[2])
+    train_step(module, opt, scaler, params, bad, args, scale, shift, None)
+    assert [s.item() for s in seen] == [0.0, 1.0] and all(s.dtype == torch.float32 for s in seen)
+    with pytest.raises(TrainError, match="--dist-timeout-min 0.0 must be > 0"):
+        get_args(["--data-dir", "x", "--dist-timeout-min", "0"])
