@@ -1,0 +1,105 @@
+"""benchmarks/gpu_check.py and gpu_convergence.py run once on a rented GPU: their CPU dry runs take the same
+code path at tiny sizes, so a broken section shows up here, not after the GPU time is spent.
+
+The --fid-from step is tested only with RUN_FID_TESTS=1: one FID costs a 2048 x 2048 matrix square root
+(about 20-40 s on 2 cores) whatever the image count.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+GPU_CHECK_SECTIONS = ["machine", "matrix_eager", "repa_style", "nonfinite_guard", "resume", "speed_eager", "inception",
+                      "sampling", "sample_ddp_e2e", "matrix_compiled", "speed_compiled"]
+
+
+def _run(args: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
+    env = dict(os.environ, REPULSOR_SIT_OFFLINE="1")
+    env.pop("OUT", None)  # the scripts default to $OUT
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, f"{args[0]} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+def _load(out, name: str) -> dict:
+    with open(os.path.join(out, f"{name}.json")) as f:
+        return json.load(f)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    _run(["benchmarks/gpu_check.py", "--dry-run", "--out", str(tmp_path)])
+    data = _load(tmp_path, "gpu_check")
+    assert data["errors"] == []
+    assert list(data["sections"]) == GPU_CHECK_SECTIONS
+    assert {k: v["status"] for k, v in data["sections"].items()} == {k: "ok" for k in GPU_CHECK_SECTIONS}
+    assert [c for c in data["checks"] if c["pass"] is False] == []
+    passed = {c["name"] for c in data["checks"] if c["pass"]}
+    assert {"non-finite guard skips the step (nan_input)", "non-finite guard skips the step (nan_grad)",
+            "save/resume round trip: the next step is bitwise equal"} <= passed
+    assert all(f"compiled first step matches eager within bf16 tolerance, --reg {r}" in passed
+               for r in ("none", "dispersive", "repulsor", "repa"))
+    res = {k: v["result"] for k, v in data["sections"].items()}
+    for mode in ("eager", "compiled"):
+        rows = res[f"matrix_{mode}"]
+        assert set(rows) == {"none", "dispersive", "repulsor", "repa"}
+        assert all(r["status"] == "ok" and r["finite"] and r["ms_per_step"] > 0 for r in rows.values())
+    assert res["resume"]["bitwise_equal"] is True
+    assert res["nonfinite_guard"]["nan_grad"]["flags_input_loss_grad"] == [False, False, True]
+    assert len(res["speed_eager"]) == 4 and all(r["status"] == "ok" for r in res["speed_eager"].values())
+    assert res["repa_style"]["ms_per_step"] > 0 and math.isfinite(res["repa_style"]["last_loss"])
+    assert res["sampling"]["bf16"]["finite"] and res["sampling"]["bf16"]["images_per_s"] > 0
+    assert res["sample_ddp_e2e"]["ratio_sampling_loop"] > 0 and res["inception"]["images_per_s"] > 0
+    md = open(tmp_path / "gpu_check.md").read()
+    assert "## Regularisers, SiT-B/2" in md and "REPA's choices" in md and "## Errors" not in md
+
+
+def test_gpu_check_budget_skips_sections(tmp_path):
+    """With no time left every section is recorded as skipped, and the JSON is still written."""
+    _run(["benchmarks/gpu_check.py", "--dry-run", "--budget-s", "3", "--out", str(tmp_path)], timeout=60)
+    data = _load(tmp_path, "gpu_check")
+    statuses = [v["status"] for k, v in data["sections"].items() if k != "machine"]
+    assert len(statuses) == len(GPU_CHECK_SECTIONS) - 1 and all(s.startswith("skipped: budget") for s in statuses)
+
+
+@pytest.fixture(scope="module")
+def convergence_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu")
+    _run(["benchmarks/gpu_convergence.py", "--dry-run", "--out", str(out)])
+    return out
+
+
+def test_gpu_convergence_dry_run(convergence_out):
+    out = convergence_out
+    data = _load(out, "gpu_convergence")
+    assert data["errors"] == []
+    assert {k: v["status"] for k, v in data["sections"].items()} == {
+        k: "ok" for k in ("machine", "data", "reference", "train", "sample")}
+    runs = data["runs"]
+    assert list(runs) == ["none", "repulsor", "repulsor-mlp-head"]
+    for name, run in runs.items():
+        assert run["status"] == "ok" and run["steps"] == 4 and run["sample"]["status"] == "ok", name
+        assert [r["step"] for r in run["metrics"]] == [2, 4] and "velocity" in run["final"]
+        assert "--compile" not in run["command"] and "--ema-warmup" in run["command"]
+    assert "batch_cos_mean" in runs["repulsor"]["final"] and runs["repulsor-mlp-head"]["config"]["proj_head"] == "mlp"
+    with np.load(out / "gpu_convergence_samples.npz") as f:
+        assert sorted(f.files) == ["none", "reference", "repulsor", "repulsor-mlp-head"]
+        assert f["none"].shape == (16, 32, 32) and f["none"].dtype == np.uint8 and f["reference"].shape == (16, 32, 32)
+    assert sorted(os.listdir(out)) == ["gpu_convergence.json", "gpu_convergence.md", "gpu_convergence_samples.npz"]
+
+
+@pytest.mark.skipif(os.environ.get("RUN_FID_TESTS") != "1", reason="slow (a 2048 x 2048 sqrtm): RUN_FID_TESTS=1")
+def test_gpu_convergence_fid_from(convergence_out, tmp_path):
+    """FID on the CPU from the returned files, for one run."""
+    out, fid_out = convergence_out, tmp_path / "fid"
+    _run(["benchmarks/gpu_convergence.py", "--fid-from", str(out), "--out", str(fid_out), "--fid-samples", "8",
+          "--fid-ref", "8", "--fid-runs", "none"])
+    data = _load(fid_out, "gpu_convergence")
+    assert data["errors"] == [] and data["sections"]["fid"]["status"] == "ok"
+    assert math.isfinite(data["runs"]["none"]["fid"]) and "fid" not in data["runs"]["repulsor"]
+    assert "FID-8 (vs 8 test)" in open(fid_out / "gpu_convergence.md").read()
