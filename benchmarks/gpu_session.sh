@@ -13,7 +13,7 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu_carry/whl
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 case "${1:-}" in
   check)
-    python3 benchmarks/gpu_check.py --out "$OUT" --budget-s "${BUDGET:-240}" ;;
+    python3 benchmarks/gpu_check.py --out "$OUT" --budget-s "${BUDGET:-240}" --inception-weights random ;;
   convergence)
     python3 benchmarks/gpu_convergence.py --out "$OUT/s2" --budget-s "${BUDGET_S2:-240}"
     # The demo's SiT and settings (benchmarks/convergence.py --study heads), 6 configs x 2 seeds at once.
