@@ -314,7 +314,7 @@ def build_model(g: argparse.Namespace, args: argparse.Namespace, device: torch.d
     with torch.device(device):
         return build_sit(name, depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads,
                          patch_size=args.patch_size, input_size=g.input_size, in_channels=channels or g.channels,
-                         num_classes=g.num_classes, class_dropout_prob=args.cfg_prob)
+                         num_classes=g.num_classes, class_dropout_prob=args.cfg_prob).to(device)  # pos_embed: numpy
 
 
 @torch.no_grad()
@@ -324,10 +324,10 @@ def perturb_zero_init(model: torch.nn.Module, seed: int, std: float = 0.02) -> N
     At init adaLN-Zero makes every block an identity and the output exactly 0: a step then barely
     exercises the network, compiled-vs-eager agreement is trivial and sampled images are constant. The
     cost of a step does not depend on the values. Same seed and device: the same weights in every copy."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same values on any device
     for p in model.parameters():
         if not p.any():
-            p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) * std)
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * std)
 
 
 def sync(device: torch.device) -> None:
