@@ -396,11 +396,7 @@ def main(args: argparse.Namespace) -> None:
                gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copy, less memory
            if world > 1 else train_module)
     if info.is_main:  # written once the lock is held and the resume checks passed: it describes the weights
-        atomic_write_json(os.path.join(run_dir, "config.json"),
-                          {"args": vars(args), "model_config": run.model_config, "world_size": world,
-                           "data": manifest_for_sampling(manifest),
-                           "data_fingerprint": data_fingerprint(manifest),
-                           "memory": memory.describe() if memory else None})
+        atomic_write_json(os.path.join(run_dir, "config.json"), {**run_record(run), "world_size": world})
         trim_metrics(run_dir, step)
     log_start(run, dataset, sit, reg, micro_batch)
 
@@ -573,6 +569,13 @@ def log_metrics(run: Run, window: list[dict], reg: Regulariser, step: int, t_win
     return metrics
 
 
+def run_record(run: Run) -> dict:
+    """What config.json and every checkpoint say about the run: arguments, model, data and memory bank."""
+    return {"args": vars(run.args), "model_config": run.model_config,
+            "data": manifest_for_sampling(run.manifest), "data_fingerprint": data_fingerprint(run.manifest),
+            "memory": run.memory.describe() if run.memory else None}
+
+
 def save_training_state(run: Run, parts: dict, step: int, epoch: int, steps_per_epoch: int) -> None:
     """checkpoints/STEP.pt from rank 0 (every rank's RNG state gathered), then the loss curve."""
     rngs = gather_objects(rng_state(run.info.device))
@@ -584,10 +587,7 @@ def save_training_state(run: Run, parts: dict, step: int, epoch: int, steps_per_
             "opt": parts["opt"].state_dict(), "scaler": parts["scaler"].state_dict(), "step": step,
             "rng": rngs, "data_position": {"epoch": epoch, "step_in_epoch": step - epoch * steps_per_epoch,
                                            "steps_per_epoch": steps_per_epoch},
-            "args": vars(run.args), "model_config": run.model_config,
-            "data": manifest_for_sampling(run.manifest),
-            "data_fingerprint": data_fingerprint(run.manifest),
-            "memory": run.memory.describe() if run.memory else None,
+            **run_record(run),
         })
         run.log(f"saved checkpoint {path}")
         try:  # a picture is never worth stopping a run for

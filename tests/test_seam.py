@@ -17,7 +17,7 @@ import torch
 import loss
 import train
 from conftest import TINY_MODEL, make_easy_dataset, run_train
-from loss import Context, Regulariser, build_regulariser, flag_problems, register
+from loss import Regulariser, build_regulariser, flag_problems, register
 from models.sit import build_sit
 from test_regularisers import assert_state_equal
 
