@@ -22,6 +22,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
+from loss import REGULARISERS  # noqa: E402
+
 # Demo model: 1.9M-parameter SiT on 1x32x32 pixels, patch 4 (64 tokens): about 5 steps/s at batch 32
 # on 2 CPU cores, so 1600 steps take about 6 minutes.
 MODEL_FLAGS = ["--model", "custom", "--depth", "6", "--hidden-size", "128", "--num-heads", "4", "--patch-size", "4"]
@@ -36,7 +38,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=1600, help="training steps")
     p.add_argument("--batch", type=int, default=32, help="global batch size")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--reg", default="repulsor", choices=["none", "dispersive", "repulsor"])
+    # Every registered regulariser that needs no stored images (the demo encodes none).
+    p.add_argument("--reg", default="repulsor", choices=[n for n, c in REGULARISERS.items() if not c.needs_images])
     p.add_argument("--fid-points", type=int, default=2, help="checkpoints evaluated (evenly spaced)")
     p.add_argument("--fid-samples", type=int, default=300, help="generated images per FID point")
     p.add_argument("--fid-ref", type=int, default=500, help="held-out real images in the FID reference")

@@ -5,19 +5,22 @@ Time convention, everywhere in this repository: t = 0 is data, t = 1 is noise.
     cosine path:  x_t = cos(pi t / 2) x + sin(pi t / 2) eps,    v = d x_t / dt
 The network predicts v. Loss math runs in fp32 even under autocast.
 
-Regularisers plug into ONE seam of the training step: `train.py` asks the SiT for the hidden
-state after block `reg.depth` and calls `reg(hidden, t, images)`, which returns a dict of named
-terms with the differentiable value under "reg"; total loss = velocity + reg_weight * terms["reg"].
-`images` (uint8 B x H x W x C) is passed only to a regulariser with `needs_images` (REPA): the
-dataset then also returns each item's stored image, and nobody else reads image bytes.
-To add a regulariser, subclass `Regulariser` and register it in `REGULARISERS`.
+Regularisers plug into ONE seam of the training step: for every micro-batch train.py fills a
+`Context` (clean latent, noise, t, x_t, condition, velocity prediction and target, the tokens of
+block `reg.depth` from the same forward pass, the images if asked for, and a no-grad handle on the
+EMA and online SiT) and calls `reg(ctx)`, which returns a dict of named terms with the
+differentiable value under "reg"; total loss = velocity + reg_weight * terms["reg"].
+A regulariser class also owns its command line: its flags, their checks, which of them a resume
+may not change, its default block and its builder (the hooks of `Regulariser`). To add one,
+subclass `Regulariser` and `register` it (docs/adding_an_objective.md); train.py is not edited.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -25,15 +28,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distributed import all_gather_cat, is_dist
-from encoders import dinov2_inputs, encoder_identity, load_dinov2, looks_like_file, patch_tokens
-from memory_bank import MemoryBank
+from encoders import (DEFAULT_DINOV2, dinov2_inputs, encoder_identity, load_dinov2, looks_like_file,
+                      patch_tokens)
+from memory_bank import BANK_DTYPES, MemoryBank
+from models.sit import SiT, SiTConfig
 
-PATH_TYPES = ("linear", "cosine")  # with path_coefficients: the only definition of the paths (samplers use it)
+PATH_TYPES = ("linear", "cosine")  # with path_coefficients: the only definition of the paths (samplers too)
 TIME_SAMPLINGS = ("uniform", "lognormal")
 
 
 # ----------------------------------------------------------------------------- flow matching
-def path_coefficients(path_type: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def path_coefficients(path_type: str, t: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """alpha_t, sigma_t and their time derivatives, for x_t = alpha_t x + sigma_t eps.
 
     The single definition of the interpolation paths: training (interpolate), the samplers and
@@ -49,7 +55,8 @@ def path_coefficients(path_type: str, t: torch.Tensor) -> tuple[torch.Tensor, to
     raise ValueError(f"unknown path type {path_type!r}; choose one of {', '.join(PATH_TYPES)}")
 
 
-def sample_time(n: int, time_sampling: str, device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_time(n: int, time_sampling: str, device: torch.device | str,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """t in (0, 1): uniform, or lognormal (sigma = exp(N(0, 1)), t = sigma / (1 + sigma))."""
     if time_sampling == "uniform":
         return torch.rand(n, device=device, generator=generator)
@@ -59,7 +66,8 @@ def sample_time(n: int, time_sampling: str, device: torch.device | str, generato
     raise ValueError(f"unknown time sampling {time_sampling!r}; choose one of {', '.join(TIME_SAMPLINGS)}")
 
 
-def interpolate(path_type: str, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def interpolate(path_type: str, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, velocity target) for data x, noise and per-sample t (shape B)."""
     shape = (-1,) + (1,) * (x.dim() - 1)
     t = t if t.dtype == torch.float64 else t.float()  # float64 stays float64 (samplers), else fp32
@@ -72,17 +80,115 @@ def velocity_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).mean()
 
 
+# ----------------------------------------------------------------------------- the seam
+@dataclass
+class Context:
+    """What a regulariser sees of one micro-step. train.train_step fills the inputs, TrainModule the
+    model's part; every field may be None outside training (tests build partial contexts)."""
+
+    x: torch.Tensor | None = None  # clean latents as the model sees them (scaled), B x C x H x W
+    noise: torch.Tensor | None = None  # eps, same shape
+    t: torch.Tensor | None = None  # B times in (0, 1): 0 data, 1 noise
+    x_t: torch.Tensor | None = None  # interpolate(path_type, x, noise, t)[0], the SiT's input
+    target: torch.Tensor | None = None  # the velocity target
+    y: torch.Tensor | None = None  # the condition: labels (B, int) or memory snippets (B x m)
+    images: torch.Tensor | None = None  # uint8 B x H x W x C, only for a regulariser with needs_images
+    path_type: str = "linear"
+    pred: torch.Tensor | None = None  # the SiT's velocity prediction (with gradient)
+    hidden: torch.Tensor | None = None  # tokens after block reg.depth, B x N x D, same pass (with gradient)
+    drop: torch.Tensor | None = None  # B bool: where the null condition replaced y (None: nowhere)
+    sit: nn.Module | None = None  # the online SiT (not DDP-wrapped); see hidden_at
+    ema: nn.Module | None = None  # its EMA (train.py attaches one; None where a script did not)
+
+    @torch.no_grad()
+    def hidden_at(self, x_t: torch.Tensor, t: torch.Tensor, depth: int, model: str = "ema",
+                  y: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens after block `depth` of the EMA ("ema") or online ("online") SiT at (x_t, t), without
+        gradient, running only blocks 1..depth (under the step's autocast). The condition defaults to
+        the student's (ctx.y with its null-condition mask ctx.drop); no random condition dropout."""
+        if model not in ("ema", "online"):
+            raise ValueError(f"model {model!r}: choose 'ema' or 'online'")
+        net = self.ema if model == "ema" else self.sit
+        if net is None:
+            raise ValueError(f"no {model} model in the context: build TrainModule(sit, reg, ema) as train.py "
+                             "does")
+        if y is None:
+            y, drop = self.y, self.drop if drop is None else drop
+        if drop is None:  # an explicit mask: the pass draws no random numbers
+            drop = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+        return net.hidden_at(x_t, t, y, depth, drop=drop)
+
+
 # ----------------------------------------------------------------------------- regularisers
+def _block_rule(model_name: str | None, depth: int) -> int:
+    """REPA's block: 4 for SiT-S/B, 8 for SiT-L/XL; depth // 3 for custom sizes."""
+    if model_name is not None:
+        return {"S": 4, "B": 4, "L": 8, "XL": 8}[model_name.split("-")[1].split("/")[0]]
+    return max(1, depth // 3)
+
+
 class Regulariser(nn.Module):
-    """Base class: `depth` names the block whose output it needs (1-based); None = none.
-    `needs_images`: the regulariser reads each item's image (train.py then loads and passes them)."""
+    """Base class of the regularisers: a module (its parameters train with the SiT and are
+    checkpointed) plus the class-level hooks that own its command line.
 
+    Instance: `depth` names the block whose tokens arrive as ctx.hidden (1-based); `forward(ctx)`
+    returns named terms, the differentiable one under "reg" (the rest are logged as metrics).
+    Class hooks, read through the registry (REGULARISERS) by train.py, demo.py and the benchmarks:
+      name            --reg NAME
+      add_args(group) declares the flags this class owns (a flag shared with a class registered
+                      earlier is declared there once, and only listed here)
+      checks(args)    (flag, ok, rule) triples: train.py turns a failed one into a one-line error
+      must_match      args a resume may not change (the generic reg_weight, reg_depth and reg_t_max
+                      are inherited); free_to_change: flags it may change. Every flag the class
+                      declares must be in one of them (register() refuses the class otherwise)
+      legacy_defaults the value of a must-match flag for checkpoints written before it existed
+      default_depth   its block when --reg-depth is not given (None: --reg-depth is required)
+      build(...)      the instance for this run, given the built SiT (check blocks against it)
+    Also: default_weight (--reg-weight when not given), needs_block (takes ctx.hidden; the default)
+    and needs_images (train.py then loads each item's image and passes it as ctx.images).
+    """
+
+    name = ""
+    needs_block = True
+    needs_images = False
+    default_weight = 0.5  # --reg-weight when not given
+    must_match: tuple[str, ...] = ("reg_weight", "reg_depth", "reg_t_max")
+    free_to_change: tuple[str, ...] = ()
+    legacy_defaults: dict = {}
     depth: int | None = None
-    needs_images: bool = False
 
-    def forward(self, hidden: torch.Tensor | None, t: torch.Tensor,
-                images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return {}
+    @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        pass
+
+    @classmethod
+    def checks(cls, args: argparse.Namespace) -> list[tuple[str, bool, str]]:
+        return []
+
+    @classmethod
+    def default_depth(cls, model_name: str | None, depth: int) -> int | None:
+        """The block for a SiT of `depth` blocks; model_name: its named size ("SiT-B/2"), or None for a
+        custom or depth-overridden one."""
+        return None
+
+    @classmethod
+    def build(cls, args: argparse.Namespace, model: SiT, depth: int | None, global_batch: int,
+              device: torch.device | str, image_shape: tuple[int, ...] | None = None) -> Regulariser:
+        """`model` is the built SiT (read it; do not keep it as an attribute, which would register it
+        twice), `depth` the resolved block, `global_batch` the global batch of one micro-step,
+        `image_shape` the data's stored images (H, W, C) or None."""
+        raise NotImplementedError(f"regulariser {cls.name!r} has no build()")
+
+    @classmethod
+    def collapse_level(cls, args: dict) -> float | None:
+        """The value of "reg" once the representation has collapsed, marked on the loss curve (None: none)."""
+        return None
+
+    def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def describe(self) -> str:  # a line for the run's log at start
+        return ""
 
     def diagnostics(self) -> dict[str, float]:  # health numbers read at log steps only (may sync)
         return {}
@@ -92,6 +198,23 @@ class Regulariser(nn.Module):
 
     def load_extra_state(self, state: dict) -> None:
         pass
+
+
+class NoRegulariser(Regulariser):
+    """--reg none: plain SiT. Its generic flags mean nothing, so a resume may change them."""
+
+    name = "none"
+    needs_block = False
+    default_weight = 0.0
+    must_match = ()
+    free_to_change = Regulariser.must_match
+
+    @classmethod
+    def build(cls, args, model, depth, global_batch, device, image_shape=None) -> Regulariser:
+        return cls()
+
+    def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
+        return {}
 
 
 def _time_mask(t: torch.Tensor, t_max: float) -> torch.Tensor:
@@ -137,6 +260,51 @@ class Repulsor(Regulariser):
     """
 
     MOMENTUM = 0.9  # running statistics (the `running` head's centre; eval mode for every head)
+    name = "repulsor"
+    default_weight = 0.1  # the README's ablation
+    must_match = Regulariser.must_match + ("temperature", "proj_dim", "proj_hidden", "bank_size",
+                                           "bank_dtype", "reg_pool", "proj_head", "repulsor_batch_weight")
+    legacy_defaults = {"proj_head": "mlp"}  # checkpoints from before --proj-head trained the uncentred head
+
+    @classmethod
+    def add_args(cls, g: argparse._ArgumentGroup) -> None:
+        g.add_argument("--temperature", type=float, default=0.5, help="tau (repulsor and dispersive)")
+        g.add_argument("--proj-dim", type=int, default=128, help="repulsor: projection width d")
+        g.add_argument("--proj-hidden", type=int, default=2048,
+                       help="repulsor: head MLP width; repa: projector width")
+        g.add_argument("--bank-size", type=int, default=65536,
+                       help="repulsor: memory bank K (0 = in-batch only)")
+        g.add_argument("--bank-dtype", type=str, default="fp32", choices=list(BANK_DTYPES))
+        g.add_argument("--reg-pool", type=str, default="mean", choices=["mean"],
+                       help="repulsor: token pooling")
+        g.add_argument("--proj-head", type=str, default="centred", choices=PROJ_HEADS,
+                       help="repulsor: how head outputs are centred over the global batch before the L2 norm "
+                            "(mlp: not at all, the head that collapses; see loss.Repulsor)")
+        g.add_argument("--repulsor-batch-weight", type=float, default=1.0,
+                       help="repulsor: weight of each in-batch negative against a bank negative (ablation)")
+
+    @classmethod
+    def checks(cls, args: argparse.Namespace) -> list[tuple[str, bool, str]]:
+        return [("temperature", args.temperature > 0, "must be > 0"),
+                ("proj_dim", args.proj_dim >= 1, "must be at least 1"),
+                ("proj_hidden", args.proj_hidden >= 1, "must be at least 1"),
+                ("bank_size", args.bank_size >= 0, "must be >= 0"),
+                ("repulsor_batch_weight", args.repulsor_batch_weight > 0, "must be > 0")]
+
+    @classmethod
+    def default_depth(cls, model_name: str | None, depth: int) -> int:
+        return _block_rule(model_name, depth)
+
+    @classmethod
+    def build(cls, args, model, depth, global_batch, device, image_shape=None) -> Regulariser:
+        return cls(model.config.hidden_size, depth, args.proj_dim, args.proj_hidden, args.temperature,
+                   args.bank_size, args.bank_dtype, global_batch, args.reg_pool, args.reg_t_max, device,
+                   pairs=args.noise_pairs, head=args.proj_head, batch_weight=args.repulsor_batch_weight)
+
+    @classmethod
+    def collapse_level(cls, args: dict) -> float | None:
+        """Every projection identical gives 1 / tau (the pair loss has no fixed collapse value)."""
+        return None if args.get("noise_pairs") else 1 / args["temperature"]
 
     def __init__(self, hidden_size: int, depth: int, proj_dim: int = 128, proj_hidden: int = 2048,
                  temperature: float = 0.5, bank_size: int = 65536, bank_dtype: str = "fp32",
@@ -149,8 +317,8 @@ class Repulsor(Regulariser):
         if head not in PROJ_HEADS:
             raise ValueError(f"unknown projection head {head!r}; choose one of {', '.join(PROJ_HEADS)}")
         if global_batch < 2:
-            raise ValueError(f"Repulsor needs a global batch (per micro-step) of at least 2, got {global_batch}: "
-                             "the other samples of the batch are its first negatives")
+            raise ValueError(f"Repulsor needs a global batch (per micro-step) of at least 2, got "
+                             f"{global_batch}: the other samples of the batch are its first negatives")
         self.depth, self.temperature, self.t_max, self.pairs = depth, temperature, t_max, pairs
         self.head_kind, self.batch_weight = head, batch_weight
         self.head = nn.Sequential(
@@ -180,12 +348,12 @@ class Repulsor(Regulariser):
         steps = self.running_steps + ok
         rate = ok * torch.clamp(1 / steps.clamp(min=1), min=1 - self.MOMENTUM)
         running = self.running_mean.clone()
-        centre = running + rate * (mean - running)  # the running mean, the current batch included with gradient
+        centre = running + rate * (mean - running)  # the running mean, this batch included with gradient
         with torch.no_grad():
             self.running_steps.copy_(steps)
             self.running_mean.copy_(torch.where(ok > 0, centre.detach(), running))
-            self.running_var.copy_(torch.where(ok > 0, self.running_var + rate * (var.detach() - self.running_var),
-                                               self.running_var))
+            var_next = self.running_var + rate * (var.detach() - self.running_var)
+            self.running_var.copy_(torch.where(ok > 0, var_next, self.running_var))
         if self.head_kind == "centred":
             u = u - mean
         elif self.head_kind == "standardised":
@@ -198,9 +366,9 @@ class Repulsor(Regulariser):
         """B x N x D tokens -> unit projections (batch statistics in training, running ones in eval)."""
         return self._normalise(self.head(hidden.mean(dim=1)).float())
 
-    def forward(self, hidden: torch.Tensor | None, t: torch.Tensor,
-                images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        u = self.head(hidden.mean(dim=1)).float()
+    def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
+        t = ctx.t
+        u = self.head(ctx.hidden.mean(dim=1)).float()
         b = u.shape[0]
         if self.t_max >= 1:  # t < 1 always: keep every anchor, gather u alone
             gathered, mask = all_gather_cat(u), None
@@ -210,8 +378,8 @@ class Repulsor(Regulariser):
         batch = self._normalise(gathered)
         rank = dist.get_rank() if is_dist() else 0
         z = batch[rank * b: (rank + 1) * b]
-        loss, logs = repulsor_loss(z, self.bank.negatives(), self.temperature, mask, batch=batch, pairs=self.pairs,
-                                   batch_weight=self.batch_weight)
+        loss, logs = repulsor_loss(z, self.bank.negatives(), self.temperature, mask, batch=batch,
+                                   pairs=self.pairs, batch_weight=self.batch_weight)
         self.bank.enqueue(batch.detach())
         self._last_batch = batch.detach()
         logs["bank_fill"] = torch.tensor(self.bank.fill_fraction)
@@ -282,9 +450,11 @@ def repulsor_loss(z: torch.Tensor, bank: torch.Tensor, temperature: float, mask:
         zt = z / temperature
         logits_batch = zt @ batch.T  # b x B
         cols = torch.arange(n, device=z.device)
-        is_self = cols[None, :] == cols[rank * b: (rank + 1) * b, None]  # (not one_hot: it checks values on the host)
+        # (not one_hot: it checks values on the host)
+        is_self = cols[None, :] == cols[rank * b: (rank + 1) * b, None]
         with torch.no_grad():
-            logs = {"batch_cos_mean": logits_batch.masked_fill(is_self, 0.0).sum() * temperature / (b * max(n - 1, 1))}
+            cos_sum = logits_batch.masked_fill(is_self, 0.0).sum() * temperature
+            logs = {"batch_cos_mean": cos_sum / (b * max(n - 1, 1))}
         logits_batch = logits_batch.masked_fill(is_self, float("-inf"))
         lse = torch.logsumexp(logits_batch, dim=1) + (math.log(batch_weight) if batch_weight != 1 else 0.0)
         if bank.shape[0]:
@@ -292,7 +462,8 @@ def repulsor_loss(z: torch.Tensor, bank: torch.Tensor, temperature: float, mask:
             logits_bank = zt @ bank.T  # b x K: one batched product against the whole bank
             lse = torch.logaddexp(lse, torch.logsumexp(logits_bank, dim=1))
             with torch.no_grad():
-                logs.update(bank_cos_mean=logits_bank.mean() * temperature, bank_cos_max=logits_bank.max() * temperature)
+                logs.update(bank_cos_mean=logits_bank.mean() * temperature,
+                            bank_cos_max=logits_bank.max() * temperature)
         if pairs:
             twin = rank * b + (cols[:b] + b // 2) % b  # column of each anchor's twin in the global batch
             positive = logits_batch.gather(1, twin[:, None])[:, 0]
@@ -320,16 +491,34 @@ class Dispersive(Regulariser):
     """
 
     VARIANTS = ("infonce_l2", "infonce_cos", "hinge", "covariance")
+    name = "dispersive"
+    # --temperature is declared by Repulsor, the first registered regulariser that uses it
+    must_match = Regulariser.must_match + ("temperature", "disp_variant", "disp_margin")
+
+    @classmethod
+    def add_args(cls, g: argparse._ArgumentGroup) -> None:
+        g.add_argument("--disp-variant", type=str, default="infonce_l2", choices=cls.VARIANTS)
+        g.add_argument("--disp-margin", type=float, default=1.0, help="dispersive hinge margin")
+
+    @classmethod
+    def default_depth(cls, model_name: str | None, depth: int) -> int:
+        return max(1, depth // 4)  # the paper's default
+
+    @classmethod
+    def build(cls, args, model, depth, global_batch, device, image_shape=None) -> Regulariser:
+        return cls(depth, args.disp_variant, args.temperature, args.disp_margin, args.reg_t_max)
 
     def __init__(self, depth: int, variant: str = "infonce_l2", temperature: float = 0.5,
                  margin: float = 1.0, t_max: float = 1.0):
         super().__init__()
         if variant not in self.VARIANTS:
-            raise ValueError(f"unknown dispersive variant {variant!r}; choose one of {', '.join(self.VARIANTS)}")
-        self.depth, self.variant, self.temperature, self.margin, self.t_max = depth, variant, temperature, margin, t_max
+            raise ValueError(f"unknown dispersive variant {variant!r}; choose one of "
+                             f"{', '.join(self.VARIANTS)}")
+        self.depth, self.variant, self.temperature, self.margin = depth, variant, temperature, margin
+        self.t_max = t_max
 
-    def forward(self, hidden: torch.Tensor | None, t: torch.Tensor,
-                images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
+        hidden, t = ctx.hidden, ctx.t
         z = hidden.reshape(hidden.shape[0], -1).float()
         if self.t_max < 1:  # ablation only: boolean indexing syncs with the host; t < 1 always, so
             z = z[t <= self.t_max]  # the default t_max 1 decides in Python and never syncs
@@ -340,7 +529,8 @@ class Dispersive(Regulariser):
             self._last_gram = u @ u.T
             n = u.shape[0]
             cos_mean = (self._last_gram.sum() - self._last_gram.diagonal().sum()) / (n * (n - 1))
-        return {"reg": dispersive_loss(z, self.variant, self.temperature, self.margin), "batch_cos_mean": cos_mean}
+        return {"reg": dispersive_loss(z, self.variant, self.temperature, self.margin),
+                "batch_cos_mean": cos_mean}
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
@@ -349,7 +539,8 @@ class Dispersive(Regulariser):
         return {} if gram is None else {"batch_eff_rank": effective_rank_from_gram(gram)}
 
 
-def dispersive_loss(z: torch.Tensor, variant: str, temperature: float = 0.5, margin: float = 1.0) -> torch.Tensor:
+def dispersive_loss(z: torch.Tensor, variant: str, temperature: float = 0.5,
+                    margin: float = 1.0) -> torch.Tensor:
     """The four Dispersive Loss variants on flattened features z (B x d), in fp32 (also under autocast)."""
     with torch.autocast(z.device.type, enabled=False):
         return _dispersive_fp32(z.float(), variant, temperature, margin)
@@ -390,7 +581,64 @@ class REPA(Regulariser):
     training module's `.to()` / `.train()`. Its input: encoders.dinov2_inputs at `image_size`.
     """
 
+    name = "repa"
     needs_images = True
+    must_match = Regulariser.must_match + ("proj_hidden", "repa_encoder_hash", "repa_encoder_config",
+                                           "repa_image_size")  # --proj-hidden: Repulsor's
+    free_to_change = ("repa_encoder",)  # a moved file or another id of the same weights: the hash decides
+
+    @classmethod
+    def add_args(cls, g: argparse._ArgumentGroup) -> None:
+        g.add_argument("--repa-encoder", type=str, default=DEFAULT_DINOV2,
+                       help="repa: frozen DINOv2 encoder: timm hub id, local weights file, or 'random' "
+                            "(a control)")
+        g.add_argument("--repa-encoder-config", type=str, default=None,
+                       help="repa: JSON of timm.create_model overrides, e.g. a tiny test ViT "
+                            "'{\"embed_dim\": 32, \"depth\": 1, \"num_heads\": 2}'")
+        g.add_argument("--repa-image-size", type=int, default=None,
+                       help="repa: encoder input size (default: REPA's 224 * R / 256 for R px images, "
+                            "R a multiple of 256; else encoder patch x the SiT's grid side); its tokens must "
+                            "equal the SiT's")
+        # Filled in by build() and recorded with the run: the encoder's identity.
+        g.set_defaults(repa_encoder_id=None, repa_encoder_hash=None)
+
+    @classmethod
+    def checks(cls, args: argparse.Namespace) -> list[tuple[str, bool, str]]:
+        size = args.repa_image_size
+        return [("repa_image_size", size is None or size >= 1, "must be at least 1")]
+
+    @classmethod
+    def default_depth(cls, model_name: str | None, depth: int) -> int:
+        return _block_rule(model_name, depth)
+
+    @classmethod
+    def build(cls, args, model, depth, global_batch, device, image_shape=None) -> Regulariser:
+        """REPA with the encoder of --repa-encoder (hub id, local file or 'random'). Records the encoder's
+        id and hash, and the resolved input size, in `args` (so config.json and checkpoints carry them
+        and a resume with another encoder is refused)."""
+        if image_shape is None:
+            raise ValueError("REPA needs the data's image shape (build_regulariser's image_shape=)")
+        try:
+            config = json.loads(args.repa_encoder_config) if args.repa_encoder_config else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--repa-encoder-config is not valid JSON ({e}): pass e.g. "
+                             f"'{{\"depth\": 1}}'") from None
+        hub = args.repa_encoder != "random" and not looks_like_file(args.repa_encoder)
+        found = re.search(r"patch(\d+)", args.repa_encoder) if hub else None  # e.g. vit_base_patch14_dinov2
+        patch = int(config.get("patch_size") or (found.group(1) if found else 14))  # files: DINOv2's arch, 14
+        size = repa_image_size(int(image_shape[0]), patch, model_tokens(model), args.repa_image_size)
+        args.repa_encoder_id, args.repa_encoder_hash = encoder_identity(args.repa_encoder, args.seed)
+        encoder = load_dinov2(args.repa_encoder, size, config, args.seed).to(device)
+        if args.mixed_precision == "bf16":  # it runs under bf16 autocast anyway: bf16 weights halve memory
+            encoder = encoder.to(torch.bfloat16)
+        if tuple(encoder.patch_embed.grid_size) != (size // patch,) * 2:
+            raise ValueError(f"encoder {args.repa_encoder!r} has patch {encoder.patch_embed.patch_size[0]}, "
+                             f"not {patch}: set \"patch_size\" in --repa-encoder-config")
+        args.repa_image_size = size
+        reg = cls(model.config.hidden_size, depth, encoder, size, args.proj_hidden, args.reg_t_max,
+                  pairs=args.noise_pairs)
+        reg.encoder_id, reg.encoder_hash = args.repa_encoder_id, args.repa_encoder_hash
+        return reg
 
     def __init__(self, hidden_size: int, depth: int, encoder: nn.Module, image_size: int,
                  proj_hidden: int = 2048, t_max: float = 1.0, pairs: bool = False):
@@ -414,11 +662,16 @@ class REPA(Regulariser):
         dtype = next(self.encoder.parameters()).dtype  # bf16 weights in bf16 runs (also outside autocast)
         return patch_tokens(self.encoder, dinov2_inputs(images, self.image_size).to(dtype))
 
-    def forward(self, hidden: torch.Tensor | None, t: torch.Tensor,
-                images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def describe(self) -> str:
+        name = getattr(self, "encoder_id", None) or "an encoder"
+        return (f"frozen encoder {name} ({getattr(self, 'encoder_hash', None)}), input {self.image_size} px "
+                f"-> {self.z_dim}-d patch tokens; not trained, not checkpointed")
+
+    def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
+        hidden, t, images = ctx.hidden, ctx.t, ctx.images
         if images is None:
-            raise ValueError("REPA needs each item's image: open the dataset with images (train.py does so for "
-                             "--reg repa)")
+            raise ValueError("REPA needs each item's image: open the dataset with images (train.py does so "
+                             "for --reg repa)")
         if self.pairs:  # [images, same images] (--noise-pairs): encode each image once
             half = images.shape[0] // 2
             target = self.targets(images[:half]).repeat(2, 1, 1)
@@ -432,7 +685,8 @@ def repa_loss(z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None =
     """Mean over samples and tokens of -cos(z, target), for z and target B x N x D, in fp32 (also under
     autocast). mask (B, 0 or 1): the mean over the kept samples of this rank (all samples: None)."""
     if z.shape != target.shape:
-        raise ValueError(f"REPA: projected tokens {tuple(z.shape)} and encoder targets {tuple(target.shape)} differ")
+        raise ValueError(f"REPA: projected tokens {tuple(z.shape)} and encoder targets {tuple(target.shape)} "
+                         "differ")
     with torch.autocast(z.device.type, enabled=False):
         cos = (F.normalize(z.float(), dim=-1) * F.normalize(target.float(), dim=-1)).sum(-1)  # B x N
         per_sample = -cos.mean(1)
@@ -459,90 +713,132 @@ def repa_image_size(resolution: int, patch: int, sit_tokens: int, override: int 
     else:
         size, why = patch * grid, f"patch {patch} x the SiT's grid side {grid}"
     if size % patch or (size // patch) ** 2 != sit_tokens:
-        raise ValueError(f"REPA's encoder would see {(size // patch) ** 2} patch tokens ({size} px, {why}) but the SiT "
-                         f"has {sit_tokens}: train SiT-x/2 on an f8 VAE's latents, or pass --repa-image-size "
-                         f"{patch * grid} (= {patch} x {grid}) to resize the encoder's input to the SiT's grid")
+        raise ValueError(f"REPA's encoder would see {(size // patch) ** 2} patch tokens ({size} px, {why}) "
+                         f"but the SiT has {sit_tokens}: train SiT-x/2 on an f8 VAE's latents, or pass "
+                         f"--repa-image-size {patch * grid} (= {patch} x {grid}) to resize the encoder's input "
+                         "to the SiT's grid")
     return size
 
 
+# ----------------------------------------------------------------------------- the registry
+REGULARISERS: dict[str, type[Regulariser]] = {}  # --reg NAME -> class, in registration order
+
+
+def register(cls: type[Regulariser]) -> type[Regulariser]:
+    """Make `cls` a --reg choice (its flags, checks, resume rules and builder come with it)."""
+    if not (isinstance(cls, type) and issubclass(cls, Regulariser)) or not cls.__dict__.get("name"):
+        raise ValueError(f"{cls!r} is not a Regulariser subclass with its own `name`")
+    if REGULARISERS.get(cls.name, cls) is not cls:
+        raise ValueError(f"regulariser {cls.name!r} is registered already "
+                         f"({REGULARISERS[cls.name].__name__})")
+    problems = flag_problems(cls)
+    if problems:
+        raise ValueError(f"regulariser {cls.name!r}: {'; '.join(problems)}")
+    REGULARISERS[cls.name] = cls
+    return cls
+
+
+def declared_flags(cls: type[Regulariser]) -> list[str]:
+    """The argument names (dest) that cls.add_args declares."""
+    group = argparse.ArgumentParser(add_help=False).add_argument_group(cls.name)
+    cls.add_args(group)
+    return [action.dest for action in group._group_actions]
+
+
+def flag_problems(cls: type[Regulariser]) -> list[str]:
+    """Flags of cls (its own and the generic ones) that are neither must-match on resume nor free to
+    change: forgetting the list would let a resume change the objective silently."""
+    listed = set(cls.must_match) | set(cls.free_to_change)
+    flags = list(Regulariser.must_match) + declared_flags(cls)
+    problems = [f"--{f.replace('_', '-')} is in neither must_match nor free_to_change" for f in flags
+                if f not in listed]
+    problems += [f"legacy default for {k!r}, which is not in must_match" for k in cls.legacy_defaults
+                 if k not in cls.must_match]
+    return problems
+
+
+def regulariser_class(name: str) -> type[Regulariser]:
+    if name not in REGULARISERS:
+        raise ValueError(f"unknown regulariser {name!r}; choose one of {', '.join(REGULARISERS)}")
+    return REGULARISERS[name]
+
+
+def add_regulariser_args(parser: argparse.ArgumentParser) -> None:
+    """The generic regulariser flags, then one group per registered regulariser."""
+    g = parser.add_argument_group("regulariser")
+    g.add_argument("--reg", type=str, default="none", choices=list(REGULARISERS))
+    weights = ", ".join(f"{n} {c.default_weight:g}" for n, c in REGULARISERS.items() if n != "none")
+    g.add_argument("--reg-weight", type=float, default=None, help=f"lambda (default: {weights})")
+    g.add_argument("--reg-depth", type=int, default=None,
+                   help="block whose output is regularised, 1-based (default: the regulariser's: repulsor "
+                        "and repa 4 for S/B, 8 for L/XL, depth // 3 custom; dispersive depth // 4)")
+    g.add_argument("--reg-t-max", type=float, default=1.0,
+                   help="ablation: apply the term only where t <= this")
+    for name, cls in REGULARISERS.items():
+        cls.add_args(parser.add_argument_group(name))
+
+
+def regulariser_checks(args: argparse.Namespace) -> list[tuple[str, bool, str]]:
+    """(flag, ok, rule) for the generic flags and every registered regulariser's own."""
+    checks = [("reg_t_max", 0 < args.reg_t_max <= 1, "must be in (0, 1]")]
+    for cls in REGULARISERS.values():
+        checks += cls.checks(args)
+    return checks
+
+
 def default_reg_depth(reg: str, model_name: str | None, depth: int) -> int:
-    """Repulsor and REPA: block 4 for SiT-S/B, 8 for SiT-L/XL (REPA's choice), depth // 3 for custom
-    sizes. Dispersive: depth // 4 (the paper's default)."""
-    if reg == "dispersive":
-        return max(1, depth // 4)
-    if model_name is not None:
-        size = model_name.split("-")[1].split("/")[0]
-        return {"S": 4, "B": 4, "L": 8, "XL": 8}[size]
-    return max(1, depth // 3)
-
-
-def _build_none(args, hidden_size, depth, global_batch, device, **_) -> Regulariser:
-    return Regulariser()
-
-
-def _build_dispersive(args, hidden_size, depth, global_batch, device, **_) -> Regulariser:
-    return Dispersive(depth, args.disp_variant, args.temperature, args.disp_margin, args.reg_t_max)
-
-
-def _build_repulsor(args, hidden_size, depth, global_batch, device, **_) -> Regulariser:
-    return Repulsor(hidden_size, depth, args.proj_dim, args.proj_hidden, args.temperature, args.bank_size,
-                    args.bank_dtype, global_batch, args.reg_pool, args.reg_t_max, device,
-                    pairs=args.noise_pairs, head=args.proj_head, batch_weight=args.repulsor_batch_weight)
-
-
-def _build_repa(args, hidden_size, depth, global_batch, device, tokens=None, image_shape=None) -> Regulariser:
-    """REPA with the encoder of --repa-encoder (hub id, local file or 'random'). Records the encoder's
-    id and hash, and the resolved input size, in `args` (so config.json and checkpoints carry them
-    and a resume with another encoder is refused)."""
-    if tokens is None or image_shape is None:
-        raise ValueError("REPA needs the SiT's token count and the data's image shape (build_regulariser's "
-                         "tokens= and image_shape=)")
-    try:
-        config = json.loads(args.repa_encoder_config) if args.repa_encoder_config else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--repa-encoder-config is not valid JSON ({e}): pass e.g. '{{\"depth\": 1}}'") from None
-    hub = args.repa_encoder != "random" and not looks_like_file(args.repa_encoder)
-    found = re.search(r"patch(\d+)", args.repa_encoder) if hub else None  # e.g. vit_base_patch14_dinov2
-    patch = int(config.get("patch_size") or (found.group(1) if found else 14))  # files: DINOv2's arch, 14
-    size = repa_image_size(int(image_shape[0]), patch, tokens, args.repa_image_size)
-    args.repa_encoder_id, args.repa_encoder_hash = encoder_identity(args.repa_encoder, args.seed)
-    encoder = load_dinov2(args.repa_encoder, size, config, args.seed).to(device)
-    if args.mixed_precision == "bf16":  # it runs under bf16 autocast anyway: bf16 weights halve its memory
-        encoder = encoder.to(torch.bfloat16)
-    if tuple(encoder.patch_embed.grid_size) != (size // patch,) * 2:
-        raise ValueError(f"encoder {args.repa_encoder!r} has patch {encoder.patch_embed.patch_size[0]}, not "
-                         f"{patch}: set \"patch_size\" in --repa-encoder-config")
-    args.repa_image_size = size
-    return REPA(hidden_size, depth, encoder, size, args.proj_hidden, args.reg_t_max, pairs=args.noise_pairs)
-
-
-# name -> builder(args, hidden_size, depth_of_tap, global_batch_per_micro_step, device, tokens=, image_shape=)
-# (tokens: the SiT's token count; image_shape: the data's stored H x W x C images, or None)
-REGULARISERS: dict[str, Callable[..., Regulariser]] = {
-    "none": _build_none,
-    "dispersive": _build_dispersive,
-    "repulsor": _build_repulsor,
-    "repa": _build_repa,
-}
-_build_repa.needs_images = REPA.needs_images  # read by needs_images() before anything is built
+    """The block --reg REG uses without --reg-depth on a SiT of `depth` blocks (model_name: a named size, or
+    None for a custom or depth-overridden one), e.g. Repulsor and REPA 4 for SiT-S/B, 8 for L/XL,
+    depth // 3 custom; Dispersive depth // 4."""
+    block = regulariser_class(reg).default_depth(model_name, depth)
+    if block is None:
+        raise ValueError(f"--reg {reg} declares no default block: pass --reg-depth")
+    return block
 
 
 def needs_images(name: str) -> bool:
     """Whether --reg NAME reads each item's image: train.py then opens the dataset with images (and
     refuses data without them) before building anything; every other run reads no image bytes."""
-    return bool(getattr(REGULARISERS.get(name), "needs_images", False))
+    return regulariser_class(name).needs_images
 
 
-def build_regulariser(args, model_name: str | None, hidden_size: int, model_depth: int,
-                      global_batch: int, device: torch.device | str, tokens: int | None = None,
-                      image_shape: tuple[int, ...] | None = None) -> Regulariser:
-    if args.reg not in REGULARISERS:
-        raise ValueError(f"unknown regulariser {args.reg!r}; choose one of {', '.join(REGULARISERS)}")
-    depth = args.reg_depth if args.reg_depth is not None else default_reg_depth(args.reg, model_name, model_depth)
-    if args.reg != "none" and not 1 <= depth <= model_depth:
-        raise ValueError(f"--reg-depth {depth} is outside 1..{model_depth} for this model")
-    reg = REGULARISERS[args.reg](args, hidden_size, depth, global_batch, device, tokens=tokens,
-                                 image_shape=image_shape)
-    if reg.needs_images != needs_images(args.reg):
-        raise ValueError(f"the builder of {args.reg!r} and its regulariser disagree on needs_images")
+def model_tokens(model: SiT) -> int:
+    return (model.config.input_size // model.config.patch_size) ** 2
+
+
+def build_regulariser(args: argparse.Namespace, model: SiT, global_batch: int, device: torch.device | str,
+                      *legacy, image_shape: tuple[int, ...] | None = None, tokens: int | None = None
+                      ) -> Regulariser:
+    """The regulariser of --reg for the built SiT `model` (its block checked against the model's depth).
+    global_batch: the global batch of one micro-step; image_shape: the data's stored images (H, W, C).
+    The named size for the default block comes from args (--model, unless --depth overrides it).
+
+    The older call, build_regulariser(args, model_name, hidden_size, depth, global_batch, device,
+    tokens=, image_shape=), still works: its builder sees a stand-in with the model's config only.
+    """
+    if isinstance(model, nn.Module):
+        if legacy or tokens is not None:
+            raise TypeError("build_regulariser(args, model, global_batch, device, image_shape=None)")
+        named = None if args.model == "custom" or args.depth is not None else args.model
+    else:  # the older call (args, model_name, hidden_size, depth, global_batch, device): no SiT, its config
+        if len(legacy) != 2:
+            raise TypeError("build_regulariser(args, model, global_batch, device, image_shape=None)")
+        named, hidden_size, depth, (global_batch, device) = model, global_batch, device, legacy
+        side = math.isqrt(tokens) if tokens else 1
+        model = argparse.Namespace(config=SiTConfig(hidden_size=hidden_size, depth=depth, input_size=side,
+                                                    patch_size=1))
+    cls = regulariser_class(args.reg)
+    depth = None
+    if cls.needs_block:
+        n = model.config.depth
+        depth = args.reg_depth if args.reg_depth is not None else default_reg_depth(args.reg, named, n)
+        if not 1 <= depth <= n:
+            raise ValueError(f"--reg-depth {depth} is outside 1..{n} for this model")
+    reg = cls.build(args, model, depth, global_batch, device, image_shape=image_shape)
+    if reg.depth != depth:
+        raise ValueError(f"the builder of {args.reg!r} made a regulariser of block {reg.depth}, not {depth}")
     return reg
+
+
+for _cls in (NoRegulariser, Dispersive, Repulsor, REPA):
+    register(_cls)

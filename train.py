@@ -5,12 +5,14 @@
 
 Everything the run needs is in its run directory (RESULTS/EXP): config.json, log.txt,
 metrics.jsonl, checkpoints/NNNNNNN.pt (atomic), sample grids and the loss curve PNG.
-Time convention: t = 0 data, t = 1 noise (see loss.py).
+Time convention: t = 0 data, t = 1 noise (see loss.py). A regulariser brings its own flags,
+checks, resume rules and builder through loss.py's registry: adding one does not touch this file.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -26,16 +28,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, RunLock, checkpoints_newest_first, load_checkpoint, newest_loadable_checkpoint,
-                        remove_stale_temp_files, save_checkpoint)
+from checkpoint import (CheckpointError, RunLock, checkpoints_newest_first, load_checkpoint,
+                        newest_loadable_checkpoint, remove_stale_temp_files, save_checkpoint)
 from dataset import (DataError, DistributedEpochSampler, LatentDataset, atomic_write_json, data_fingerprint,
                      fingerprint_mismatch, latent_scale_shift, sample_latents)
-from distributed import barrier, cleanup, init_distributed, is_dist
+from distributed import DistInfo, barrier, cleanup, init_distributed, is_dist
 from gmem import MemoryBankError, MemoryDataset, SnippetMemory, open_dataset_memory
-from encoders import DEFAULT_DINOV2
-from loss import (PATH_TYPES, PROJ_HEADS, REGULARISERS, TIME_SAMPLINGS, Dispersive, Regulariser, build_regulariser,
-                  interpolate, needs_images, sample_time, velocity_loss)
-from memory_bank import BANK_DTYPES
+from loss import (PATH_TYPES, TIME_SAMPLINGS, Context, Regulariser, add_regulariser_args,
+                  build_regulariser, interpolate, needs_images, regulariser_checks, regulariser_class,
+                  sample_time, velocity_loss)
 from models.sit import SiT, SiT_models, build_sit, load_sit_state_dict
 
 
@@ -43,30 +44,55 @@ class TrainError(RuntimeError):
     """A run that cannot go on; the message says why and what to do."""
 
 
-# Flags that define the objective or the data order (--seed and --grad-accum-steps decide the order and
-# the Repulsor's in-batch negatives): --resume refuses to change them (the regulariser's
-# only when one is used). A value a checkpoint did not record (None) is not checked.
-RESUME_MUST_MATCH = ("global_batch_size", "grad_accum_steps", "seed", "path_type", "time_sampling", "reg", "cond",
-                     "noise_pairs")
-RESUME_MUST_MATCH_REG = ("reg_weight", "reg_depth", "reg_t_max", "temperature", "proj_dim", "proj_hidden", "bank_size",
-                         "bank_dtype", "reg_pool", "proj_head", "repulsor_batch_weight", "disp_variant", "disp_margin",
-                         "repa_encoder_hash", "repa_encoder_config", "repa_image_size")
+# Flags that define the objective or the data order (--seed and --grad-accum-steps decide the order
+# and the Repulsor's in-batch negatives): --resume refuses to change them. The regulariser's own
+# come from its class (loss.Regulariser.must_match). A value a checkpoint did not record (None) is
+# not checked.
+RESUME_MUST_MATCH = ("global_batch_size", "grad_accum_steps", "seed", "path_type", "time_sampling", "reg",
+                     "cond", "noise_pairs")
 
 
+# ----------------------------------------------------------------------------- flags
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("run")
-    g.add_argument("--data-dir", type=str, required=True, help="dataset directory written by preprocessing/encode.py")
+    add_run_args(p.add_argument_group("run"))
+    add_model_args(p.add_argument_group("model"))
+    add_optimisation_args(p.add_argument_group("optimisation"))
+    add_flow_matching_args(p.add_argument_group("flow matching"))
+    add_regulariser_args(p)  # --reg, --reg-weight, --reg-depth, --reg-t-max, then a group per regulariser
+    add_logging_args(p.add_argument_group("logging and checkpoints"))
+    args = p.parse_args(argv)  # unknown flags are an error
+    if args.reg_weight is None:
+        args.reg_weight = regulariser_class(args.reg).default_weight
+    if args.memory is not None and args.cond != "memory":
+        p.error("--memory needs --cond memory")
+    if args.model == "custom":
+        missing = [f for f in ("depth", "hidden_size", "num_heads", "patch_size") if getattr(args, f) is None]
+        if missing:
+            p.error(f"--model custom needs {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    validate_args(args)
+    if args.exp_name is None:
+        args.exp_name = default_exp_name(args)
+    return args
+
+
+def add_run_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--data-dir", type=str, required=True,
+                   help="dataset directory written by preprocessing/encode.py")
     g.add_argument("--results-dir", type=str, default="results")
-    g.add_argument("--exp-name", type=str, default=None, help="run directory name (default: derived from model and regulariser)")
+    g.add_argument("--exp-name", type=str, default=None,
+                   help="run directory name (default: derived from model and regulariser)")
     g.add_argument("--resume", type=str, default="auto",
                    help="'auto': continue from the newest checkpoint in the run directory if there is one; "
-                        "'none': start fresh (refuses a run directory that holds checkpoints); or a checkpoint path")
+                        "'none': start fresh (refuses a run directory that holds checkpoints); or a "
+                        "checkpoint path")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dist-timeout-min", type=float, default=60.0,
                    help="minutes a collective may wait (ranks wait while rank 0 writes a checkpoint)")
-    g = p.add_argument_group("model")
+
+
+def add_model_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--model", type=str, default="SiT-B/2", choices=list(SiT_models) + ["custom"],
                    help="named size; 'custom' builds from --depth/--hidden-size/--num-heads/--patch-size")
     g.add_argument("--depth", type=int, default=None, help="override the named model's depth")
@@ -76,14 +102,16 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--qk-norm", action="store_true", help="LayerNorm on queries and keys")
     g.add_argument("--num-classes", type=int, default=None, help="default: from the data manifest")
     g.add_argument("--cond", type=str, default="class", choices=["class", "memory"],
-                   help="condition on the class label, or (GMem) on the item's own memory snippet from a bank "
-                        "built by preprocessing/memory.py")
+                   help="condition on the class label, or (GMem) on the item's own memory snippet from a "
+                        "bank built by preprocessing/memory.py")
     g.add_argument("--memory", type=str, default=None,
                    help="--cond memory: name of the dataset's memory bank (default: its only one)")
     g.add_argument("--cfg-prob", type=float, default=0.1,
                    help="probability of replacing the condition (label or whole snippet) by the learned null "
                         "(classifier-free guidance)")
-    g = p.add_argument_group("optimisation")
+
+
+def add_optimisation_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--global-batch-size", type=int, default=256)
     g.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=1e-4)
@@ -102,86 +130,44 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fp16: stop after this many consecutive steps skipped for non-finite gradients "
                         "(bf16 and fp32 stop at the first non-finite step)")
     g.add_argument("--ema-warmup", action="store_true",
-                   help="decay = min(ema-decay, (1 + step) / (10 + step)); needed for short runs, whose plain "
-                        "EMA stays at the zero-output initialisation")
-    g = p.add_argument_group("flow matching")
+                   help="decay = min(ema-decay, (1 + step) / (10 + step)); needed for short runs, whose "
+                        "plain EMA stays at the zero-output initialisation")
+
+
+def add_flow_matching_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--path-type", type=str, default="linear", choices=PATH_TYPES)
     g.add_argument("--time-sampling", type=str, default="uniform", choices=TIME_SAMPLINGS)
     g.add_argument("--noise-pairs", action="store_true",
                    help="each image twice per batch, at two independent times and noises (so B/2 images per "
                         "step); with --reg repulsor the twin is the InfoNCE positive")
-    g = p.add_argument_group("regulariser")
-    g.add_argument("--reg", type=str, default="none", choices=list(REGULARISERS))
-    g.add_argument("--reg-weight", type=float, default=None,
-                   help="lambda (default: repulsor 0.1, see the README's ablation; dispersive 0.5, the paper's; "
-                        "repa 0.5, REPA's)")
-    g.add_argument("--reg-depth", type=int, default=None,
-                   help="block whose output is regularised, 1-based (default: repulsor and repa 4 for S/B, 8 for "
-                        "L/XL, depth // 3 custom; dispersive depth // 4)")
-    g.add_argument("--reg-t-max", type=float, default=1.0, help="ablation: apply the term only where t <= this")
-    g.add_argument("--temperature", type=float, default=0.5, help="tau (repulsor and dispersive)")
-    g.add_argument("--proj-dim", type=int, default=128, help="repulsor: projection width d")
-    g.add_argument("--proj-hidden", type=int, default=2048, help="repulsor: head MLP width; repa: projector width")
-    g.add_argument("--bank-size", type=int, default=65536, help="repulsor: memory bank K (0 = in-batch only)")
-    g.add_argument("--bank-dtype", type=str, default="fp32", choices=list(BANK_DTYPES))
-    g.add_argument("--reg-pool", type=str, default="mean", choices=["mean"], help="repulsor: token pooling")
-    g.add_argument("--proj-head", type=str, default="centred", choices=PROJ_HEADS,
-                   help="repulsor: how head outputs are centred over the global batch before the L2 norm "
-                        "(mlp: not at all, the head that collapses; see loss.Repulsor)")
-    g.add_argument("--repulsor-batch-weight", type=float, default=1.0,
-                   help="repulsor: weight of each in-batch negative against a bank negative (ablation)")
-    g.add_argument("--disp-variant", type=str, default="infonce_l2", choices=Dispersive.VARIANTS)
-    g.add_argument("--disp-margin", type=float, default=1.0, help="dispersive hinge margin")
-    g.add_argument("--repa-encoder", type=str, default=DEFAULT_DINOV2,
-                   help="repa: frozen DINOv2 encoder: timm hub id, local weights file, or 'random' (a control)")
-    g.add_argument("--repa-encoder-config", type=str, default=None,
-                   help="repa: JSON of timm.create_model overrides, e.g. a tiny test ViT "
-                        "'{\"embed_dim\": 32, \"depth\": 1, \"num_heads\": 2}'")
-    g.add_argument("--repa-image-size", type=int, default=None,
-                   help="repa: encoder input size (default: REPA's 224 * R / 256 for R px images, R a multiple of "
-                        "256; else encoder patch x the SiT's grid side); its tokens must equal the SiT's")
-    # Filled in by the REPA builder (loss._build_repa) and recorded with the run: the encoder's identity.
-    p.set_defaults(repa_encoder_id=None, repa_encoder_hash=None)
-    g = p.add_argument_group("logging and checkpoints")
+
+
+def add_logging_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--num-workers", type=int, default=4)
     g.add_argument("--log-every", type=int, default=100)
     g.add_argument("--ckpt-every", type=int, default=10_000)
     g.add_argument("--sample-every", type=int, default=0, help="EMA sample grid every N steps (0 = never)")
     g.add_argument("--sample-steps", type=int, default=50, help="Heun ODE steps for the training grids")
     g.add_argument("--report-to", type=str, default="none", choices=["none", "tensorboard", "wandb"])
-    args = p.parse_args(argv)  # unknown flags are an error
-    if args.reg_weight is None:
-        args.reg_weight = {"none": 0.0, "repulsor": 0.1}.get(args.reg, 0.5)
-    if args.memory is not None and args.cond != "memory":
-        p.error("--memory needs --cond memory")
-    if args.model == "custom":
-        missing = [f for f in ("depth", "hidden_size", "num_heads", "patch_size") if getattr(args, f) is None]
-        if missing:
-            p.error(f"--model custom needs {', '.join('--' + m.replace('_', '-') for m in missing)}")
-    validate_args(args)
-    if args.exp_name is None:
-        args.exp_name = default_exp_name(args)
-    return args
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """One-line errors for flag values that would crash mid-run or train something meaningless."""
+    """One-line errors for flag values that would crash mid-run or train something meaningless
+    (the regularisers' flags: their classes' checks)."""
     at_least_one = ("global_batch_size", "grad_accum_steps", "log_every", "ckpt_every", "max_skipped_steps",
-                    "proj_dim", "proj_hidden", "sample_steps")
-    non_negative = ("max_steps", "sample_every", "bank_size", "num_workers", "weight_decay", "max_grad_norm")
+                    "sample_steps")
+    non_negative = ("max_steps", "sample_every", "num_workers", "weight_decay", "max_grad_norm")
     checks = [(f, getattr(args, f) >= 1, "must be at least 1") for f in at_least_one]
     checks += [(f, getattr(args, f) >= 0, "must be >= 0") for f in non_negative]
     checks += [("cfg_prob", 0 <= args.cfg_prob < 1, "must be in [0, 1)"),
                ("ema_decay", 0 <= args.ema_decay <= 1, "must be in [0, 1]"),
-               ("temperature", args.temperature > 0, "must be > 0"),
                ("dist_timeout_min", args.dist_timeout_min > 0, "must be > 0"),
-               ("repulsor_batch_weight", args.repulsor_batch_weight > 0, "must be > 0"),
                ("lr", args.lr > 0, "must be > 0"),
                ("adam_beta1", 0 <= args.adam_beta1 < 1, "must be in [0, 1)"),
-               ("adam_beta2", 0 <= args.adam_beta2 < 1, "must be in [0, 1)"),
-               ("reg_t_max", 0 < args.reg_t_max <= 1, "must be in (0, 1]")]
+               ("adam_beta2", 0 <= args.adam_beta2 < 1, "must be in [0, 1)")]
     checks += [(f, getattr(args, f) is None or getattr(args, f) >= 1, "must be at least 1")
-               for f in ("depth", "hidden_size", "num_heads", "patch_size", "num_classes", "repa_image_size")]
+               for f in ("depth", "hidden_size", "num_heads", "patch_size", "num_classes")]
+    checks += regulariser_checks(args)
     for flag, ok, rule in checks:
         if not ok:
             raise TrainError(f"--{flag.replace('_', '-')} {getattr(args, flag)} {rule}")
@@ -203,24 +189,31 @@ def default_exp_name(args: argparse.Namespace) -> str:
     return "-".join(parts + [args.reg])
 
 
+# ----------------------------------------------------------------------------- the step
 class TrainModule(nn.Module):
-    """The SiT plus its regulariser in one module, so DDP syncs the head's gradients too.
+    """The SiT plus its regulariser in one module, so DDP syncs the regulariser's gradients too.
 
-    This is the one seam where a regulariser plugs into the training step: the SiT returns
-    the hidden state of block `reg.depth` from the same forward and `reg` turns it into terms.
-    `images` (uint8 B x H x W x C, the items' stored images) reach a regulariser that needs them (REPA).
+    The one seam where a regulariser plugs into the training step: forward(ctx) runs the SiT on
+    ctx.x_t (with the tokens of block `reg.depth` from the same pass when it has one), completes the
+    loss.Context (prediction, hidden state, null-condition mask, the SiT and its EMA) and returns
+    (prediction, reg(ctx)). `ema`, when given, is attached like REPA's frozen encoder: outside
+    parameters, state_dict, .to()/.train() and DDP; regularisers reach it through ctx.hidden_at.
     """
 
-    def __init__(self, sit: SiT, reg: Regulariser):
+    def __init__(self, sit: SiT, reg: Regulariser, ema: SiT | None = None):
         super().__init__()
         self.sit, self.reg = sit, reg
+        object.__setattr__(self, "ema", ema)  # unregistered on purpose
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                images: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    def forward(self, ctx: Context) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # The null-condition mask is drawn here, with the SiT's own RNG call, so the context knows it.
+        drop = self.sit.condition_drop(ctx.x_t.shape[0], ctx.x_t.device)
         if self.reg.depth is None:
-            return self.sit(x_t, t, y), {}
-        out, hidden = self.sit(x_t, t, y, return_hidden_at=self.reg.depth)
-        return out, self.reg(hidden, t, images)
+            pred, hidden = self.sit(ctx.x_t, ctx.t, ctx.y, drop=drop), None
+        else:
+            pred, hidden = self.sit(ctx.x_t, ctx.t, ctx.y, return_hidden_at=self.reg.depth, drop=drop)
+        ctx = dataclasses.replace(ctx, pred=pred, hidden=hidden, drop=drop, sit=self.sit, ema=self.ema)
+        return pred, self.reg(ctx)
 
 
 @torch.no_grad()
@@ -232,6 +225,10 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, applied: torch.Te
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
     else:  # a device tensor times a Python float: no host-to-device copy (which would sync the stream)
         torch._foreach_lerp_(ema_params, params, [applied * (1.0 - decay)] * len(ema_params))
+
+
+def ema_decay(args: argparse.Namespace, step: int) -> float:
+    return min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
 
 
 def make_optimizer(params: list, args: argparse.Namespace) -> torch.optim.AdamW:
@@ -273,12 +270,15 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.G
             x, y = torch.cat([x, x]), torch.cat([y, y])
             pixels = None if pixels is None else torch.cat([pixels, pixels])
         t = sample_time(x.shape[0], args.time_sampling, device)
-        x_t, target = interpolate(args.path_type, x, torch.randn_like(x), t)
+        noise = torch.randn_like(x)
+        x_t, target = interpolate(args.path_type, x, noise, t)
+        ctx = Context(x=x, noise=noise, t=t, x_t=x_t, target=target, y=y, images=pixels,
+                      path_type=args.path_type)
         # Gradients are all-reduced once, on the last micro-batch.
         sync = model.no_sync() if isinstance(model, DDP) and i < accum - 1 else nullcontext()
         with sync:
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                pred, reg_terms = model(x_t, t, y, pixels)
+                pred, reg_terms = model(ctx)
             terms = {"velocity": velocity_loss(pred, target), **{k: v.float() for k, v in reg_terms.items()}}
             terms["loss"] = terms["velocity"] + args.reg_weight * terms.get("reg", 0.0)
             scaler.scale(terms["loss"] / accum).backward()
@@ -330,7 +330,8 @@ class NonFiniteGuard:
         return (~bad).float()
 
     def check(self, args: argparse.Namespace, ckpt_dir: str) -> int:
-        """Raise TrainError if the run must stop; else return the number of skipped steps so far (host sync)."""
+        """Raise TrainError if the run must stop; else return the number of skipped steps so far (a host
+        sync)."""
         *first, longest, longest_start, skipped = torch.cat(
             [self.first, torch.stack([self.longest, self.longest_start, self.skipped])]).tolist()
         if not skipped:
@@ -341,13 +342,415 @@ class NonFiniteGuard:
                              f"{args.data_dir} (re-run preprocessing to rewrite it); {untouched}")
         if not self.fp16:
             step, kind = min((s, k) for k, s in zip(NONFINITE_KINDS, first) if s)
-            what = "loss is non-finite" if kind == "loss" else "gradient norm is non-finite with a finite loss"
-            raise TrainError(f"{what} at step {step} (--mixed-precision {args.mixed_precision}): {untouched}; "
-                             "lower --lr, or try --mixed-precision no")
+            what = ("loss is non-finite" if kind == "loss"
+                    else "gradient norm is non-finite with a finite loss")
+            raise TrainError(f"{what} at step {step} (--mixed-precision {args.mixed_precision}): "
+                             f"{untouched}; lower --lr, or try --mixed-precision no")
         if longest >= self.max_consecutive:
-            raise TrainError(f"{longest} fp16 steps in a row were non-finite, from step {longest_start}: the loss "
-                             f"scale does not recover; {untouched}; try --mixed-precision bf16 or lower --lr")
+            raise TrainError(f"{longest} fp16 steps in a row were non-finite, from step {longest_start}: the "
+                             f"loss scale does not recover; {untouched}; try --mixed-precision bf16 or lower "
+                             "--lr")
         return skipped
+
+
+# ----------------------------------------------------------------------------- the run
+@dataclasses.dataclass
+class Run:
+    """The facts of a run that its set-up, logging and checkpoint helpers share."""
+
+    args: argparse.Namespace
+    info: DistInfo
+    run_dir: str
+    ckpt_dir: str
+    log: RunLogger
+    manifest: dict
+    memory: SnippetMemory | None
+    model_config: dict
+
+
+def main(args: argparse.Namespace) -> None:
+    info = init_distributed(args.device, args.dist_timeout_min)
+    device, world = info.device, info.world_size
+    per_image, micro_batch = batch_split(args, world)
+    if device.type == "cuda":  # set both ways: the process may have inherited either setting
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    dataset, manifest, memory = open_data(args)
+    run_dir, ckpt_dir, lock = open_run_dir(args, info)
+    log = RunLogger(run_dir, info.is_main)
+    resume_path, ckpt = choose_checkpoint(args, ckpt_dir, info, log)
+
+    sit, ema, reg, train_module = build_training_module(args, manifest, memory, info)
+    params = [p for p in train_module.parameters() if p.requires_grad]
+    opt = make_optimizer(params, args)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    scale, shift = (v.to(device) for v in latent_scale_shift(manifest))
+    run = Run(args, info, run_dir, ckpt_dir, log, manifest, memory, sit.config.to_dict())
+    parts = dict(sit=sit, ema=ema, reg=reg, opt=opt, scaler=scaler)
+    step = start_step(run, ckpt, resume_path, parts)
+    del ckpt
+    if args.compile:
+        sit.compile()  # in place: state-dict keys stay plain
+    # Wrapped after loading: DDP's construction broadcasts rank 0's weights, so every rank starts equal.
+    ddp = (DDP(train_module, device_ids=[device.index] if device.type == "cuda" else None,
+               gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copy, less memory
+           if world > 1 else train_module)
+    if info.is_main:  # written once the lock is held and the resume checks passed: it describes the weights
+        atomic_write_json(os.path.join(run_dir, "config.json"), {**run_record(run), "world_size": world})
+        trim_metrics(run_dir, step)
+    log_start(run, dataset, sit, reg, micro_batch)
+
+    # The sampler and loader count images; with --noise-pairs train_step doubles each micro-batch.
+    sampler = DistributedEpochSampler(len(dataset), args.global_batch_size // per_image, world, info.rank,
+                                      args.seed)
+    loader_kwargs = dict(batch_size=micro_batch * args.grad_accum_steps // per_image, drop_last=True,
+                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                         persistent_workers=False,
+                         # Own generator: a new loader iterator must not draw from the global RNG,
+                         # or a resumed run (which starts one mid-epoch) would diverge.
+                         generator=torch.Generator().manual_seed(args.seed))
+    tracker = make_tracker(args, run_dir) if info.is_main else None
+    grid_fn = (make_sample_grid_fn(args, ema, manifest, run_dir, device) if args.sample_every and info.is_main
+               else None)
+    guard = NonFiniteGuard(device, fp16=args.mixed_precision == "fp16",
+                           max_consecutive=args.max_skipped_steps)
+
+    window: list[dict] = []
+    t_window = time.time()
+    pbar = tqdm(total=args.max_steps, initial=step, disable=not info.is_main, dynamic_ncols=True,
+                desc="train")
+    train_module.train()
+    while step < args.max_steps:
+        epoch, start = divmod(step, sampler.steps_per_epoch)
+        sampler.set_epoch(epoch, start)
+        for batch in DataLoader(dataset, sampler=sampler, **loader_kwargs):  # (mean, std, labels[, images])
+            batch = tuple(v.to(device, non_blocking=True) for v in batch)
+            step_terms, nonfinite = train_step(ddp, opt, scaler, params, batch, args, scale, shift, amp_dtype)
+            step += 1
+            applied = guard.record(step, nonfinite)
+            decay = ema_decay(args, step)
+            update_ema(ema, sit, decay, applied)
+            window.append(step_terms)
+            pbar.update(1)
+            is_log_step = step % args.log_every == 0 or step == args.max_steps
+            is_ckpt_step = step % args.ckpt_every == 0 or step == args.max_steps
+            if is_log_step or is_ckpt_step:  # the only host reads of the non-finite flags
+                try:
+                    skipped = guard.check(args, ckpt_dir)
+                except TrainError:
+                    pbar.close()
+                    raise
+            if is_log_step:
+                metrics = log_metrics(run, window, reg, step, t_window, tracker,
+                                      ema_decay=decay, skipped_steps=skipped)
+                pbar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_s=f"{metrics['steps_per_s']:.2f}")
+                window, t_window = [], time.time()
+            t_pause = time.time()
+            if is_ckpt_step:
+                save_training_state(run, parts, step, epoch, sampler.steps_per_epoch)
+            if grid_fn is not None and step % args.sample_every == 0:
+                grid_fn(step)
+            t_window += time.time() - t_pause  # keep steps/s about training, not saving or sampling
+            if step >= args.max_steps:
+                break
+    pbar.close()
+    log(f"done: {step} steps; checkpoints in {ckpt_dir}")
+    cleanup()
+    if lock is not None:
+        lock.release()
+
+
+def batch_split(args: argparse.Namespace, world: int) -> tuple[int, int]:
+    """(samples per image, samples per rank and micro-step); refuses a global batch that does not split."""
+    per_image = 2 if args.noise_pairs else 1
+    if args.global_batch_size % (world * args.grad_accum_steps * per_image):
+        raise TrainError(f"--global-batch-size {args.global_batch_size} is not divisible by world size "
+                         f"{world} x --grad-accum-steps {args.grad_accum_steps}"
+                         + (" x 2 (--noise-pairs)" if args.noise_pairs else ""))
+    return per_image, args.global_batch_size // (world * args.grad_accum_steps)
+
+
+def open_data(args: argparse.Namespace) -> tuple[torch.utils.data.Dataset, dict, SnippetMemory | None]:
+    """The dataset (with images only for a regulariser that reads them: other runs read no image bytes),
+    its manifest, and for --cond memory the bank whose row i conditions item i (GMem)."""
+    dataset = LatentDataset(args.data_dir, with_images=needs_images(args.reg))
+    manifest = dataset.manifest
+    c, h, w = manifest["latent_shape"]
+    if h != w:
+        raise DataError(f"the data holds non-square {h}x{w} latents; SiT needs square inputs")
+    if (args.num_classes or manifest["num_classes"]) < manifest["num_classes"]:
+        raise DataError(f"--num-classes {args.num_classes} is below the data's {manifest['num_classes']} "
+                        "classes: drop the flag (the manifest's count is the default)")
+    memory = None
+    if args.cond == "memory":
+        memory = open_dataset_memory(args.data_dir, args.memory)
+        dataset = MemoryDataset(dataset, memory)
+    return dataset, manifest, memory
+
+
+def build_training_module(args: argparse.Namespace, manifest: dict, memory: SnippetMemory | None,
+                          info: DistInfo) -> tuple[SiT, SiT, Regulariser, TrainModule]:
+    """The SiT, its EMA and the regulariser, joined in a TrainModule. Built under the run seed; training
+    randomness is reseeded per rank afterwards, so adding a regulariser never changes the SiT's init or
+    data order."""
+    c, h, _ = manifest["latent_shape"]
+    torch.manual_seed(args.seed)
+    sit = build_sit(None if args.model == "custom" else args.model, depth=args.depth,
+                    hidden_size=args.hidden_size, num_heads=args.num_heads, patch_size=args.patch_size,
+                    input_size=h, in_channels=c, num_classes=args.num_classes or manifest["num_classes"],
+                    class_dropout_prob=args.cfg_prob, qk_norm=args.qk_norm or None, cond=args.cond,
+                    memory_dim=memory.dim if memory else 0)
+    sit = sit.to(info.device)
+    reg = main_first(info, lambda: build_regulariser(  # REPA's hub encoder: one download, then the cache
+        args, sit, args.global_batch_size // args.grad_accum_steps, info.device,
+        image_shape=manifest.get("image_shape")).to(info.device))
+    ema = copy.deepcopy(sit).requires_grad_(False).eval()
+    return sit, ema, reg, TrainModule(sit, reg, ema)
+
+
+def start_step(run: Run, ckpt: dict | None, resume_path: str | None, parts: dict) -> int:
+    """Restore `parts` from the checkpoint and return its step, or seed this rank's training randomness
+    and return 0; every rank must be at the same step."""
+    args, rank, world = run.args, run.info.rank, run.info.world_size
+    step = 0
+    if ckpt is not None:
+        step = restore_training_state(ckpt, resume_path, args, run.manifest, parts, world, rank,
+                                      run.info.device, run.log, run.memory)
+        run.log(f"resumed from {resume_path} at step {step}")
+    else:
+        torch.manual_seed(args.seed * world + rank)
+        np.random.seed(args.seed * world + rank)
+        random.seed(args.seed * world + rank)
+    resumed = set(gather_objects((resume_path, step)))
+    if len(resumed) > 1:
+        raise TrainError(f"ranks resumed at different steps ({sorted(resumed)}): the checkpoint directory "
+                         "must be the same shared storage on every node")
+    return step
+
+
+def log_start(run: Run, dataset, sit: SiT, reg: Regulariser, micro_batch: int) -> None:
+    args, world, memory = run.args, run.info.world_size, run.memory
+    n_params = sum(p.numel() for p in sit.parameters())
+    n_reg = sum(p.numel() for p in reg.parameters())
+    run.log(f"run dir {run.run_dir}; {world} process(es) on {run.info.device.type}; SiT "
+            f"{n_params / 1e6:.2f}M parameters"
+            + (f" + regulariser {args.reg} {n_reg / 1e6:.2f}M (training only)" if args.reg != "none" else ""))
+    if reg.describe():
+        run.log(f"{args.reg}: {reg.describe()}")
+    c, h, w = run.manifest["latent_shape"]
+    run.log(f"data: {len(dataset)} items {c}x{h}x{w}, {sit.config.num_classes} classes; global batch "
+            f"{args.global_batch_size} = {world} x {args.grad_accum_steps} x {micro_batch}"
+            + (f" ({micro_batch // 2} images, each at 2 noise levels)" if args.noise_pairs else "")
+            + (f"; conditioned on memory {memory.path} ({memory.dim}-d, {memory.meta['encoder']})"
+               if memory else ""))
+
+
+def log_metrics(run: Run, window: list[dict], reg: Regulariser, step: int, t_window: float, tracker,
+                **extra) -> dict:
+    """The window's mean loss terms over steps and ranks, the regulariser's diagnostics, speed and
+    `extra`: one metrics.jsonl row, the tracker and log.txt (rank 0)."""
+    args, device = run.args, run.info.device
+    keys = sorted(set().union(*window))  # e.g. bank stats appear once the bank has entries
+    avg = torch.stack([torch.stack([w[k].float().to(device) for w in window if k in w]).mean() for k in keys])
+    if is_dist():
+        dist.all_reduce(avg)
+        avg /= run.info.world_size
+    elapsed = time.time() - t_window
+    metrics = {k: avg[j].item() for j, k in enumerate(keys)}
+    metrics.update(reg.diagnostics())  # e.g. the effective rank of the Repulsor's projections
+    metrics.update(step=step, steps_per_s=len(window) / elapsed,
+                   samples_per_s=len(window) * args.global_batch_size / elapsed, **extra)
+    if run.info.is_main:
+        with open(os.path.join(run.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if tracker:
+            tracker(step, {k: v for k, v in metrics.items() if k != "step"})
+        run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    return metrics
+
+
+def run_record(run: Run) -> dict:
+    """What config.json and every checkpoint say about the run: arguments, model, data and memory bank."""
+    return {"args": vars(run.args), "model_config": run.model_config,
+            "data": manifest_for_sampling(run.manifest), "data_fingerprint": data_fingerprint(run.manifest),
+            "memory": run.memory.describe() if run.memory else None}
+
+
+def save_training_state(run: Run, parts: dict, step: int, epoch: int, steps_per_epoch: int) -> None:
+    """checkpoints/STEP.pt from rank 0 (every rank's RNG state gathered), then the loss curve."""
+    rngs = gather_objects(rng_state(run.info.device))
+    if run.info.is_main:
+        path = os.path.join(run.ckpt_dir, f"{step:07d}.pt")
+        save_checkpoint(path, {
+            "model": parts["sit"].state_dict(), "ema": parts["ema"].state_dict(),
+            "regulariser": parts["reg"].state_dict(), "reg_extra": parts["reg"].extra_state(),
+            "opt": parts["opt"].state_dict(), "scaler": parts["scaler"].state_dict(), "step": step,
+            "rng": rngs, "data_position": {"epoch": epoch, "step_in_epoch": step - epoch * steps_per_epoch,
+                                           "steps_per_epoch": steps_per_epoch},
+            **run_record(run),
+        })
+        run.log(f"saved checkpoint {path}")
+        try:  # a picture is never worth stopping a run for
+            plot_loss_curve(run.run_dir)
+        except Exception as e:  # noqa: BLE001
+            run.log(f"warning: loss curve not plotted ({type(e).__name__}: {e})")
+    barrier()
+
+
+# ----------------------------------------------------------------------------- resume and helpers
+def check_manifest_matches(config: dict, manifest: dict) -> None:
+    c, h, w = manifest["latent_shape"]
+    if (config["in_channels"], config["input_size"], config["input_size"]) != (c, h, w):
+        raise DataError(f"the data holds {c}x{h}x{w} latents but the checkpoint's model takes "
+                        f"{config['in_channels']}x{config['input_size']}x{config['input_size']}: "
+                        "train on matching data or start a new run")
+    if config["num_classes"] < manifest["num_classes"]:
+        raise DataError(f"the data has {manifest['num_classes']} classes but the model "
+                        f"{config['num_classes']}: drop --num-classes or set it to at least the manifest's")
+
+
+def open_run_dir(args: argparse.Namespace, info) -> tuple[str, str, RunLock | None]:
+    """Create RUN/checkpoints, take the run lock (rank 0) and clear stale temporary files of crashed
+    writes."""
+    run_dir = os.path.join(args.results_dir, args.exp_name)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+
+    taken: dict[str, RunLock] = {}
+
+    def take() -> None:
+        try:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            probe = os.path.join(ckpt_dir, f".write-test-{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise TrainError(f"cannot write to {ckpt_dir} ({e.strerror}): pass a writable "
+                             "--results-dir") from None
+        taken["lock"] = RunLock(run_dir)
+        taken["lock"].acquire()
+        remove_stale_temp_files(ckpt_dir)
+
+    on_main_then_share(info, take)
+    return run_dir, ckpt_dir, taken.get("lock")
+
+
+def choose_checkpoint(args: argparse.Namespace, ckpt_dir: str, info, log) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from, chosen by rank 0 and loaded by every rank from that one path.
+
+    Ranks on other nodes may list the directory differently (node-local disks, a cached NFS
+    listing), so they never pick on their own. With --resume auto an unreadable newest file is
+    skipped (and left in place) in favour of the newest one that loads.
+    """
+    picked: dict[str, dict] = {}
+
+    def pick() -> str | None:
+        if args.resume == "none":
+            if checkpoints_newest_first(ckpt_dir):
+                raise TrainError(f"{ckpt_dir} already holds checkpoints: use --resume auto to continue the "
+                                 "run, or another --exp-name")
+            return None
+        if args.resume != "auto":
+            picked["ckpt"] = load_checkpoint(args.resume)
+            return args.resume
+        path, ckpt = newest_loadable_checkpoint(ckpt_dir, log)
+        if path is None and checkpoints_newest_first(ckpt_dir):
+            raise CheckpointError(f"no checkpoint in {ckpt_dir} can be read (see the lines above): pass "
+                                  "--resume PATH, or move them away to start afresh")
+        if path is not None:
+            picked["ckpt"] = ckpt
+        return path
+
+    path = on_main_then_share(info, pick)
+    if path is None:
+        return None, None
+    ckpt, error = picked.get("ckpt"), None
+    if not info.is_main:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:  # e.g. a node that does not see the file: every rank must stop, not hang
+            error = f"rank {info.rank}: {e}"
+    errors = [e for e in gather_objects(error) if e]
+    if errors:
+        raise CheckpointError(f"not every rank can read the checkpoint rank 0 chose (put checkpoints on "
+                              f"storage every node sees): {errors[0]}")
+    if not {"model_config", "opt", "rng"} <= set(ckpt):
+        raise CheckpointError(f"{path} is not a train.py checkpoint (no optimizer/RNG state): "
+                              "it can be sampled from, not resumed")
+    return path, ckpt
+
+
+def restore_training_state(ckpt: dict, path: str, args: argparse.Namespace, manifest: dict, parts: dict,
+                           world: int, rank: int, device: torch.device, log,
+                           memory: SnippetMemory | None) -> int:
+    """Check that `ckpt` continues this run (model, objective, data) and load every piece of state
+    into `parts` (sit, ema, reg, opt, scaler). Returns the step to continue from."""
+    check_manifest_matches(ckpt["model_config"], manifest)
+    model_config = parts["sit"].config.to_dict()
+    if ckpt["model_config"] != model_config:
+        diff = ", ".join(f"{k}={v}" for k, v in ckpt["model_config"].items() if model_config.get(k) != v)
+        raise CheckpointError(f"checkpoint {path} was trained with a different model ({diff}): resume with "
+                              "its flags")
+    reg_class = regulariser_class(args.reg)
+    trained = {**reg_class.legacy_defaults, **ckpt["args"]}  # flags added after the checkpoint was written
+    for key in RESUME_MUST_MATCH + reg_class.must_match:
+        if trained.get(key) is not None and trained[key] != getattr(args, key, None):
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(f"checkpoint {path} was trained with {flag} {trained[key]} "
+                                  f"(now {getattr(args, key, None)}): resume with the same value")
+    if "data_fingerprint" in ckpt:
+        diff = fingerprint_mismatch(ckpt["data_fingerprint"], data_fingerprint(manifest))
+        if diff:
+            raise CheckpointError(f"checkpoint {path} was trained on other data than {args.data_dir} "
+                                  f"({diff}): resume with its --data-dir, or start a new run with another "
+                                  "--exp-name")
+    trained_on = (ckpt.get("memory") or {}).get("fingerprint")
+    if memory is not None and trained_on is not None and trained_on != memory.fingerprint:
+        raise MemoryBankError(f"checkpoint {path} was trained with memory bank {ckpt['memory']['path']} "
+                              f"(fingerprint {trained_on}), this run opened {memory.path} "
+                              f"({memory.fingerprint}): resume with the bank it was trained with "
+                              "(--memory NAME)")
+    load_sit_state_dict(parts["sit"], ckpt["model"], log=log)
+    load_sit_state_dict(parts["ema"], ckpt["ema"], log=log)
+    parts["reg"].load_state_dict(ckpt["regulariser"])
+    parts["reg"].load_extra_state(ckpt.get("reg_extra", {}))
+
+    opt = parts["opt"]
+    # load_state_dict restores every option the checkpoint was written with: the flags win for the
+    # hyperparameters, and the implementation (fused, foreach, capturable) follows this run's device.
+    options = ("lr", "betas", "weight_decay", "fused", "foreach", "capturable", "differentiable")
+    keep = [{k: g[k] for k in options if k in g} for g in opt.param_groups]
+    opt.load_state_dict(ckpt["opt"])
+    for group, values in zip(opt.param_groups, keep):
+        group.update(values)
+
+    scaler = parts["scaler"]
+    if scaler.is_enabled() and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    elif scaler.is_enabled():
+        log(f"checkpoint {path} was trained without fp16: starting a fresh fp16 loss scale")
+
+    step = ckpt["step"]
+    if len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank], device)
+    else:
+        log(f"checkpoint has RNG states of {len(ckpt['rng'])} ranks, this run has {world}: reseeding "
+            "(the run continues but not bit-exactly)")
+        torch.manual_seed(args.seed * world + rank + step)
+    return step
+
+
+def trim_metrics(run_dir: str, step: int) -> None:
+    """Keep the metrics.jsonl rows up to `step`: after a resume (or a crash before the first checkpoint)
+    the steps past it are trained again and must not be logged twice. Drops a partial last line."""
+    from plots import read_jsonl
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.isfile(path):
+        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, path)
 
 
 def rng_state(device: torch.device) -> dict:
@@ -434,7 +837,8 @@ def make_tracker(args, run_dir: str):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise TrainError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+            raise TrainError("--report-to tensorboard needs the tensorboard package: pip install "
+                             "tensorboard") from None
         writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
         return lambda step, metrics: [writer.add_scalar(k, v, step) for k, v in metrics.items()]
     if args.report_to == "wandb":
@@ -447,355 +851,21 @@ def make_tracker(args, run_dir: str):
     return None
 
 
-def check_manifest_matches(config: dict, manifest: dict) -> None:
-    c, h, w = manifest["latent_shape"]
-    if (config["in_channels"], config["input_size"], config["input_size"]) != (c, h, w):
-        raise DataError(f"the data holds {c}x{h}x{w} latents but the checkpoint's model takes "
-                        f"{config['in_channels']}x{config['input_size']}x{config['input_size']}: "
-                        "train on matching data or start a new run")
-    if config["num_classes"] < manifest["num_classes"]:
-        raise DataError(f"the data has {manifest['num_classes']} classes but the model {config['num_classes']}: "
-                        "drop --num-classes or set it to at least the manifest's")
-
-
-def open_run_dir(args: argparse.Namespace, info) -> tuple[str, str, RunLock | None]:
-    """Create RUN/checkpoints, take the run lock (rank 0) and clear stale temporary files of crashed writes."""
-    run_dir = os.path.join(args.results_dir, args.exp_name)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-
-    taken: dict[str, RunLock] = {}
-
-    def take() -> None:
-        try:
-            os.makedirs(ckpt_dir, exist_ok=True)
-            probe = os.path.join(ckpt_dir, f".write-test-{os.getpid()}")
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as e:
-            raise TrainError(f"cannot write to {ckpt_dir} ({e.strerror}): pass a writable --results-dir") from None
-        taken["lock"] = RunLock(run_dir)
-        taken["lock"].acquire()
-        remove_stale_temp_files(ckpt_dir)
-
-    on_main_then_share(info, take)
-    return run_dir, ckpt_dir, taken.get("lock")
-
-
-def choose_checkpoint(args: argparse.Namespace, ckpt_dir: str, info, log) -> tuple[str | None, dict | None]:
-    """The checkpoint to resume from, chosen by rank 0 and loaded by every rank from that one path.
-
-    Ranks on other nodes may list the directory differently (node-local disks, a cached NFS
-    listing), so they never pick on their own. With --resume auto an unreadable newest file is
-    skipped (and left in place) in favour of the newest one that loads.
-    """
-    picked: dict[str, dict] = {}
-
-    def pick() -> str | None:
-        if args.resume == "none":
-            if checkpoints_newest_first(ckpt_dir):
-                raise TrainError(f"{ckpt_dir} already holds checkpoints: use --resume auto to continue the run, "
-                                 "or another --exp-name")
-            return None
-        if args.resume != "auto":
-            picked["ckpt"] = load_checkpoint(args.resume)
-            return args.resume
-        path, ckpt = newest_loadable_checkpoint(ckpt_dir, log)
-        if path is None and checkpoints_newest_first(ckpt_dir):
-            raise CheckpointError(f"no checkpoint in {ckpt_dir} can be read (see the lines above): pass --resume "
-                                  "PATH, or move them away to start afresh")
-        if path is not None:
-            picked["ckpt"] = ckpt
-        return path
-
-    path = on_main_then_share(info, pick)
-    if path is None:
-        return None, None
-    ckpt, error = picked.get("ckpt"), None
-    if not info.is_main:
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError as e:  # e.g. a node that does not see the file: every rank must stop, not hang
-            error = f"rank {info.rank}: {e}"
-    errors = [e for e in gather_objects(error) if e]
-    if errors:
-        raise CheckpointError(f"not every rank can read the checkpoint rank 0 chose (put checkpoints on storage "
-                              f"every node sees): {errors[0]}")
-    if not {"model_config", "opt", "rng"} <= set(ckpt):
-        raise CheckpointError(f"{path} is not a train.py checkpoint (no optimizer/RNG state): "
-                              "it can be sampled from, not resumed")
-    return path, ckpt
-
-
-def restore_training_state(ckpt: dict, path: str, args: argparse.Namespace, manifest: dict, parts: dict,
-                           world: int, rank: int, device: torch.device, log, memory: SnippetMemory | None) -> int:
-    """Check that `ckpt` continues this run (model, objective, data) and load every piece of state
-    into `parts` (sit, ema, reg, opt, scaler). Returns the step to continue from."""
-    check_manifest_matches(ckpt["model_config"], manifest)
-    model_config = parts["sit"].config.to_dict()
-    if ckpt["model_config"] != model_config:
-        diff = ", ".join(f"{k}={v}" for k, v in ckpt["model_config"].items() if model_config.get(k) != v)
-        raise CheckpointError(f"checkpoint {path} was trained with a different model ({diff}): resume with its flags")
-    if args.reg == "repulsor" and "proj_head" not in ckpt["args"]:  # written before --proj-head existed
-        ckpt["args"]["proj_head"] = "mlp"
-    for key in RESUME_MUST_MATCH + (RESUME_MUST_MATCH_REG if args.reg != "none" else ()):
-        if ckpt["args"].get(key) is not None and ckpt["args"][key] != getattr(args, key):
-            raise CheckpointError(f"checkpoint {path} was trained with --{key.replace('_', '-')} "
-                                  f"{ckpt['args'][key]} (now {getattr(args, key)}): resume with the same value")
-    if "data_fingerprint" in ckpt:
-        diff = fingerprint_mismatch(ckpt["data_fingerprint"], data_fingerprint(manifest))
-        if diff:
-            raise CheckpointError(f"checkpoint {path} was trained on other data than {args.data_dir} ({diff}): "
-                                  "resume with its --data-dir, or start a new run with another --exp-name")
-    trained_on = (ckpt.get("memory") or {}).get("fingerprint")
-    if memory is not None and trained_on is not None and trained_on != memory.fingerprint:
-        raise MemoryBankError(f"checkpoint {path} was trained with memory bank {ckpt['memory']['path']} "
-                              f"(fingerprint {trained_on}), this run opened {memory.path} ({memory.fingerprint}): "
-                              "resume with the bank it was trained with (--memory NAME)")
-    load_sit_state_dict(parts["sit"], ckpt["model"], log=log)
-    load_sit_state_dict(parts["ema"], ckpt["ema"], log=log)
-    parts["reg"].load_state_dict(ckpt["regulariser"])
-    parts["reg"].load_extra_state(ckpt.get("reg_extra", {}))
-
-    opt = parts["opt"]
-    # load_state_dict restores every option the checkpoint was written with: the flags win for the
-    # hyperparameters, and the implementation (fused, foreach, capturable) follows this run's device.
-    keep = [{k: g[k] for k in ("lr", "betas", "weight_decay", "fused", "foreach", "capturable", "differentiable")
-             if k in g} for g in opt.param_groups]
-    opt.load_state_dict(ckpt["opt"])
-    for group, values in zip(opt.param_groups, keep):
-        group.update(values)
-
-    scaler = parts["scaler"]
-    if scaler.is_enabled() and ckpt["scaler"]:
-        scaler.load_state_dict(ckpt["scaler"])
-    elif scaler.is_enabled():
-        log(f"checkpoint {path} was trained without fp16: starting a fresh fp16 loss scale")
-
-    step = ckpt["step"]
-    if len(ckpt["rng"]) == world:
-        set_rng_state(ckpt["rng"][rank], device)
-    else:
-        log(f"checkpoint has RNG states of {len(ckpt['rng'])} ranks, this run has {world}: reseeding "
-            "(the run continues but not bit-exactly)")
-        torch.manual_seed(args.seed * world + rank + step)
-    return step
-
-
-def trim_metrics(run_dir: str, step: int) -> None:
-    """Keep the metrics.jsonl rows up to `step`: after a resume (or a crash before the first checkpoint)
-    the steps past it are trained again and must not be logged twice. Drops a partial last line."""
-    from plots import read_jsonl
-
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.isfile(path):
-        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, path)
-
-
-def main(args: argparse.Namespace) -> None:
-    info = init_distributed(args.device, args.dist_timeout_min)
-    device, rank, world = info.device, info.rank, info.world_size
-    per_image = 2 if args.noise_pairs else 1  # samples per image in a batch
-    if args.global_batch_size % (world * args.grad_accum_steps * per_image):
-        raise TrainError(f"--global-batch-size {args.global_batch_size} is not divisible by world size {world} "
-                         f"x --grad-accum-steps {args.grad_accum_steps}"
-                         + (" x 2 (--noise-pairs)" if args.noise_pairs else ""))
-    micro_batch = args.global_batch_size // (world * args.grad_accum_steps)
-    if device.type == "cuda":  # set both ways: the process may have inherited either setting
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-
-    # Images only for a regulariser that reads them (REPA): other runs read no image bytes.
-    dataset = LatentDataset(args.data_dir, with_images=needs_images(args.reg))
-    manifest = dataset.manifest
-    c, h, w = manifest["latent_shape"]
-    if h != w:
-        raise DataError(f"the data holds non-square {h}x{w} latents; SiT needs square inputs")
-    num_classes = args.num_classes or manifest["num_classes"]
-    if num_classes < manifest["num_classes"]:
-        raise DataError(f"--num-classes {num_classes} is below the data's {manifest['num_classes']} classes: "
-                        "drop the flag (the manifest's count is the default)")
-
-    memory = None
-    if args.cond == "memory":  # GMem: each item is conditioned on its own snippet (row i of the bank)
-        memory = open_dataset_memory(args.data_dir, args.memory)
-        dataset = MemoryDataset(dataset, memory)
-
-    run_dir, ckpt_dir, lock = open_run_dir(args, info)
-    log = RunLogger(run_dir, info.is_main)
-    resume_path, ckpt = choose_checkpoint(args, ckpt_dir, info, log)
-
-    # Model and regulariser are built under the run seed; training randomness is reseeded
-    # per rank afterwards, so adding a regulariser never changes the SiT's init or data order.
-    torch.manual_seed(args.seed)
-    name = None if args.model == "custom" else args.model
-    sit = build_sit(name, depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads,
-                    patch_size=args.patch_size, input_size=h, in_channels=c, num_classes=num_classes,
-                    class_dropout_prob=args.cfg_prob, qk_norm=args.qk_norm or None, cond=args.cond,
-                    memory_dim=memory.dim if memory else 0).to(device)
-    model_config = sit.config.to_dict()
-    named_size = name if args.depth is None else None  # an overridden depth gets the custom default block
-    reg = main_first(info, lambda: build_regulariser(  # REPA's hub encoder: one download, then the cache
-        args, named_size, sit.config.hidden_size, sit.config.depth, args.global_batch_size // args.grad_accum_steps,
-        device, tokens=(sit.config.input_size // sit.config.patch_size) ** 2,
-        image_shape=manifest.get("image_shape")).to(device))
-    ema = copy.deepcopy(sit).requires_grad_(False).eval()
-    train_module = TrainModule(sit, reg)
-    params = [p for p in train_module.parameters() if p.requires_grad]
-    opt = make_optimizer(params, args)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
-    scale, shift = latent_scale_shift(manifest)
-    scale, shift = scale.to(device), shift.to(device)
-
-    step = 0
-    if ckpt is not None:
-        parts = dict(sit=sit, ema=ema, reg=reg, opt=opt, scaler=scaler)
-        step = restore_training_state(ckpt, resume_path, args, manifest, parts, world, rank, device, log, memory)
-        log(f"resumed from {resume_path} at step {step}")
-    else:
-        torch.manual_seed(args.seed * world + rank)
-        np.random.seed(args.seed * world + rank)
-        random.seed(args.seed * world + rank)
-    del ckpt
-    resumed = set(gather_objects((resume_path, step)))
-    if len(resumed) > 1:
-        raise TrainError(f"ranks resumed at different steps ({sorted(resumed)}): the checkpoint directory must be "
-                         "the same shared storage on every node")
-    if args.compile:
-        sit.compile()  # in place: state-dict keys stay plain
-    # Wrapped after loading: DDP's construction broadcasts rank 0's weights, so every rank starts equal.
-    ddp = (DDP(train_module, device_ids=[device.index] if device.type == "cuda" else None,
-               gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copy, less memory
-           if world > 1 else train_module)
-
-    if info.is_main:  # written once the lock is held and the resume checks passed: it describes the weights
-        atomic_write_json(os.path.join(run_dir, "config.json"),
-                          {"args": vars(args), "model_config": model_config, "world_size": world,
-                           "data": manifest_for_sampling(manifest), "data_fingerprint": data_fingerprint(manifest),
-                           "memory": memory.describe() if memory else None})
-        trim_metrics(run_dir, step)
-    n_params = sum(p.numel() for p in sit.parameters())
-    n_reg = sum(p.numel() for p in reg.parameters())
-    log(f"run dir {run_dir}; {world} process(es) on {device.type}; SiT {n_params / 1e6:.2f}M parameters"
-        + (f" + regulariser {args.reg} {n_reg / 1e6:.2f}M (training only)" if args.reg != "none" else ""))
-    if args.repa_encoder_id is not None:  # set by the REPA builder
-        log(f"repa: frozen encoder {args.repa_encoder_id} ({args.repa_encoder_hash}), input {args.repa_image_size} px "
-            f"-> {reg.z_dim}-d patch tokens; not trained, not checkpointed")
-    log(f"data: {len(dataset)} items {c}x{h}x{w}, {num_classes} classes; global batch {args.global_batch_size} "
-        f"= {world} x {args.grad_accum_steps} x {micro_batch}"
-        + (f" ({micro_batch // 2} images, each at 2 noise levels)" if args.noise_pairs else "")
-        + (f"; conditioned on memory {memory.path} ({memory.dim}-d, {memory.meta['encoder']})" if memory else ""))
-    tracker = make_tracker(args, run_dir) if info.is_main else None
-
-    # The sampler and loader count images; with --noise-pairs train_step doubles each micro-batch.
-    sampler = DistributedEpochSampler(len(dataset), args.global_batch_size // per_image, world, rank, args.seed)
-    loader_kwargs = dict(batch_size=micro_batch * args.grad_accum_steps // per_image, drop_last=True,
-                         num_workers=args.num_workers,
-                         pin_memory=device.type == "cuda", persistent_workers=False,
-                         # Own generator: a new loader iterator must not draw from the global RNG,
-                         # or a resumed run (which starts one mid-epoch) would diverge.
-                         generator=torch.Generator().manual_seed(args.seed))
-    grid_fn = make_sample_grid_fn(args, ema, manifest, run_dir, device) if (args.sample_every and info.is_main) else None
-    guard = NonFiniteGuard(device, fp16=args.mixed_precision == "fp16", max_consecutive=args.max_skipped_steps)
-
-    window: list[dict] = []
-    t_window = time.time()
-    pbar = tqdm(total=args.max_steps, initial=step, disable=not info.is_main, dynamic_ncols=True, desc="train")
-    train_module.train()
-    while step < args.max_steps:
-        epoch, start = divmod(step, sampler.steps_per_epoch)
-        sampler.set_epoch(epoch, start)
-        for batch in DataLoader(dataset, sampler=sampler, **loader_kwargs):  # (mean, std, labels[, images])
-            batch = tuple(v.to(device, non_blocking=True) for v in batch)
-            step_terms, nonfinite = train_step(ddp, opt, scaler, params, batch, args, scale, shift, amp_dtype)
-            step += 1
-            applied = guard.record(step, nonfinite)
-            decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
-            update_ema(ema, sit, decay, applied)
-            window.append(step_terms)
-            pbar.update(1)
-            is_log_step = step % args.log_every == 0 or step == args.max_steps
-            is_ckpt_step = step % args.ckpt_every == 0 or step == args.max_steps
-            if is_log_step or is_ckpt_step:  # the only host reads of the non-finite flags
-                try:
-                    skipped = guard.check(args, ckpt_dir)
-                except TrainError:
-                    pbar.close()
-                    raise
-
-            if is_log_step:
-                keys = sorted(set().union(*window))  # e.g. bank stats appear once the bank has entries
-                avg = torch.stack([torch.stack([w_[k].float().to(device) for w_ in window if k in w_]).mean()
-                                   for k in keys])
-                if is_dist():
-                    dist.all_reduce(avg)
-                    avg /= world
-                elapsed = time.time() - t_window
-                metrics = {k: avg[j].item() for j, k in enumerate(keys)}
-                metrics.update(reg.diagnostics())  # e.g. the effective rank of the Repulsor's projections
-                metrics.update(step=step, steps_per_s=len(window) / elapsed,
-                               samples_per_s=len(window) * args.global_batch_size / elapsed, ema_decay=decay,
-                               skipped_steps=skipped)
-                if info.is_main:
-                    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
-                    if tracker:
-                        tracker(step, {k: v for k, v in metrics.items() if k != "step"})
-                    pbar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_s=f"{metrics['steps_per_s']:.2f}")
-                    log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-                window, t_window = [], time.time()
-
-            if is_ckpt_step:
-                t_ckpt = time.time()
-                rngs = gather_objects(rng_state(device))
-                if info.is_main:
-                    path = os.path.join(ckpt_dir, f"{step:07d}.pt")
-                    save_checkpoint(path, {
-                        "model": sit.state_dict(), "ema": ema.state_dict(),
-                        "regulariser": reg.state_dict(), "reg_extra": reg.extra_state(),
-                        "opt": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": rngs,
-                        "data_position": {"epoch": epoch, "step_in_epoch": step - epoch * sampler.steps_per_epoch,
-                                          "steps_per_epoch": sampler.steps_per_epoch},
-                        "args": vars(args), "model_config": model_config, "data": manifest_for_sampling(manifest),
-                        "data_fingerprint": data_fingerprint(manifest), "memory": memory.describe() if memory else None,
-                    })
-                    log(f"saved checkpoint {path}")
-                    try:  # a picture is never worth stopping a run for
-                        plot_loss_curve(run_dir)
-                    except Exception as e:  # noqa: BLE001
-                        log(f"warning: loss curve not plotted ({type(e).__name__}: {e})")
-                barrier()
-                t_window += time.time() - t_ckpt  # keep steps/s about training, not saving
-            if grid_fn is not None and step % args.sample_every == 0:
-                t_grid = time.time()
-                grid_fn(step)
-                t_window += time.time() - t_grid
-            if step >= args.max_steps:
-                break
-    pbar.close()
-    log(f"done: {step} steps; checkpoints in {ckpt_dir}")
-    cleanup()
-    if lock is not None:
-        lock.release()
-
-
 def manifest_for_sampling(manifest: dict) -> dict:
     """The manifest fields a checkpoint needs so sampling can decode without the data."""
-    keys = ("vae", "latent_scale", "latent_shift", "latent_shape", "num_classes", "class_names", "source", "flip")
+    keys = ("vae", "latent_scale", "latent_shift", "latent_shape", "num_classes", "class_names", "source",
+            "flip")
     return {k: manifest.get(k) for k in keys}
 
 
 def plot_loss_curve(run_dir: str) -> str | None:
-    """loss_curve.png from metrics.jsonl (velocity and total loss, and the regulariser and its health if any);
-    the Repulsor's collapse level, 1 / tau (every projection identical), is marked."""
+    """loss_curve.png from metrics.jsonl (velocity and total loss, and the regulariser and its health if any),
+    with the regulariser's collapse level marked (the Repulsor's 1 / tau: every projection identical)."""
     from plots import plot_metrics
 
     config = os.path.join(run_dir, "config.json")
     args = json.load(open(config))["args"] if os.path.isfile(config) else {}
-    collapse = 1 / args["temperature"] if args.get("reg") == "repulsor" and not args.get("noise_pairs") else None
+    collapse = regulariser_class(args["reg"]).collapse_level(args) if args else None
     return plot_metrics(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss_curve.png"),
                         reg_collapse=collapse)
 

@@ -154,7 +154,7 @@ def end_to_end(a: argparse.Namespace) -> bool:
                      str(a.hidden_size), "--num-heads", str(a.num_heads), "--patch-size", str(a.patch_size),
                      "--global-batch-size", str(a.batch), "--mixed-precision", "bf16", "--compile", "--lr", str(a.lr)])
     sit = build(a)
-    module = TrainModule(sit, build_regulariser(args, None, a.hidden_size, a.depth, a.batch, "cpu")).train()
+    module = TrainModule(sit, build_regulariser(args, sit, a.batch, "cpu")).train()
     sit.compile()
     params = [p for p in module.parameters() if p.requires_grad]
     opt = make_optimizer(params, args)

@@ -1,4 +1,4 @@
-"""Training-step overhead of the regularisers: --reg none vs dispersive vs repulsor vs repa, one run.
+"""Training-step overhead of every registered regulariser (--reg none, dispersive, repulsor, repa, ...).
 
     python benchmarks/overhead.py                      # CPU-sized defaults, a few minutes on 2 cores
     python benchmarks/overhead.py --model SiT-S/2,SiT-B/2 --input-size 32 --in-channels 4 \
@@ -6,8 +6,9 @@
     python benchmarks/overhead.py --model SiT-B/2 --input-size 32 --in-channels 4 \
         --batch-size 256 --precision bf16 --device cuda --steps 50 --warmup 10  # a GPU setting
 
-Every configuration gets the same SiT (same seed, size, batch, precision) and runs the very
-step of train.py (`train.train_step` + `update_ema`) on a fixed random batch. The Repulsor
+Every configuration gets the same SiT (same seed, size, batch, precision), built with its EMA and
+TrainModule as train.py builds them, and runs the very step of train.py (`train.train_step` +
+`update_ema`) on a fixed random batch. The Repulsor
 bank is pre-filled (K rows of unit vectors), so every timed step pays for the full bank as in
 steady-state training. REPA gets a DINOv2 ViT-B/14-sized encoder with random weights (its
 FLOPs and memory are what matter here) and a random uint8 image batch at --image-size.
@@ -43,7 +44,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from loss import REPA, Dispersive, Repulsor, build_regulariser, repulsor_loss  # noqa: E402
+from loss import REGULARISERS, REPA, Dispersive, Repulsor, build_regulariser, repulsor_loss  # noqa: E402
 from models.sit import SiT_models, build_sit  # noqa: E402
 from train import TrainModule, get_args, make_optimizer, train_step, update_ema  # noqa: E402
 
@@ -68,7 +69,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128, help="global batch = this process's batch")
     p.add_argument("--precision", default="fp32", choices=list(AMP),
                    help="fp32 by default: bf16 autocast is slower than fp32 on this project's 2-core CPU")
-    p.add_argument("--regs", default="none,dispersive,repulsor,repa", help="comma-separated --reg values")
+    p.add_argument("--regs", default=",".join(REGULARISERS), help="comma-separated --reg values (default: all)")
     p.add_argument("--bank-size", type=int, default=65536)
     p.add_argument("--proj-dim", type=int, default=128)
     p.add_argument("--proj-hidden", type=int, default=2048)
@@ -115,14 +116,14 @@ class Config:
                         patch_size=args.patch_size, input_size=b.input_size, in_channels=b.in_channels,
                         num_classes=b.num_classes).to(device)
         self.tokens = (b.input_size // sit.config.patch_size) ** 2
-        self.reg = build_regulariser(args, name, sit.config.hidden_size, sit.config.depth, b.batch_size, device,
-                                     tokens=self.tokens, image_shape=(b.image_size, b.image_size, 3)).to(device)
+        self.reg = build_regulariser(args, sit, b.batch_size, device,
+                                     image_shape=(b.image_size, b.image_size, 3)).to(device)
         if isinstance(self.reg, Repulsor) and self.reg.bank.size:  # steady state: a full bank
             g = torch.Generator().manual_seed(b.seed + 1)
             queue = F.normalize(torch.randn(self.reg.bank.size, self.reg.bank.dim, generator=g), dim=1)
             self.reg.bank.load_state_dict({"queue": queue, "ptr": 0, "filled": self.reg.bank.size})
         self.sit, self.ema = sit, copy.deepcopy(sit).requires_grad_(False).eval()
-        self.module = TrainModule(sit, self.reg).train()
+        self.module = TrainModule(sit, self.reg, self.ema).train()  # the EMA as a teacher, as in train.py
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.params, args)
         self.scaler = torch.amp.GradScaler(device.type, enabled=b.precision == "fp16")
@@ -139,7 +140,7 @@ class Config:
                                   self.amp_dtype)
         if nonfinite.any():  # a skipped step would be timed silently
             raise SystemExit(f"error: a timed step was non-finite (input/loss/grad {nonfinite.tolist()})")
-        update_ema(self.ema, self.sit, self.args.ema_decay)
+        update_ema(self.ema, self.sit, self.args.ema_decay)  # timed: part of train.py's step
 
 
 def sync(device: torch.device) -> None:
@@ -295,8 +296,10 @@ def run_model(b: argparse.Namespace, model: str, device: torch.device) -> None:
             extra = (f", projector hidden {b.proj_hidden} -> {c.reg.z_dim}; frozen encoder {c.args.repa_encoder} "
                      f"(DINOv2 ViT-B/14 architecture, {n_enc / 1e6:.1f}M params) on {b.image_size} px images "
                      f"resized to {c.reg.image_size} px")
-        else:
+        elif isinstance(c.reg, Dispersive):
             extra = f", variant {c.args.disp_variant}"
+        else:
+            extra = f"; {c.reg.describe()}" if c.reg.describe() else ""
         print(f"  {c.name}: block {c.reg_depth}, {c.reg_params / 1e6:.2f}M training-only params{extra}", flush=True)
 
     t_start = time.time()

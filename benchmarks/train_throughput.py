@@ -12,6 +12,7 @@ alternating step by step with ours, so the ratio stays meaningful on a loaded ma
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import os
 import statistics
@@ -50,9 +51,10 @@ class Stepper:
         sit = build_sit(name, depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads,
                         patch_size=args.patch_size, input_size=size, in_channels=channels,
                         num_classes=num_classes).to(device)
-        reg = build_regulariser(args, name if args.depth is None else None, sit.config.hidden_size,
-                                sit.config.depth, args.global_batch_size // args.grad_accum_steps, device).to(device)
-        self.module = train.TrainModule(sit, reg).train()
+        reg = build_regulariser(args, sit, args.global_batch_size // args.grad_accum_steps, device).to(device)
+        ema = copy.deepcopy(sit).requires_grad_(False).eval()
+        # Each version steps its own TrainModule (before issue 21 it took no EMA and no loss.Context).
+        self.module = (train.TrainModule(sit, reg, ema) if impl is train else impl.TrainModule(sit, reg)).train()
         if args.compile:
             sit.compile()
         self.params = [p for p in self.module.parameters() if p.requires_grad]

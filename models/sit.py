@@ -301,8 +301,7 @@ class SiT(nn.Module):
         return_hidden_at=k also returns the tokens after block k (1-based, shape B x N x D),
         from the same forward pass; None (the default) costs nothing.
         """
-        x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, drop)
+        x, c = self._embed(x, t, y, drop)
         hidden = None
         for i, block in enumerate(self.blocks, start=1):
             x = block(x, c)
@@ -314,6 +313,28 @@ class SiT(nn.Module):
         if hidden is None:
             raise ValueError(f"return_hidden_at={return_hidden_at} is outside 1..{len(self.blocks)}")
         return out, hidden
+
+    def hidden_at(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, depth: int,
+                  drop: torch.Tensor | None = None) -> torch.Tensor:
+        """The tokens after block `depth` (1-based, B x N x D), running blocks 1..depth only: an
+        early exit for passes that need a block's features, not the velocity (e.g. a teacher)."""
+        if not 1 <= depth <= len(self.blocks):
+            raise ValueError(f"block {depth} is outside 1..{len(self.blocks)}")
+        x, c = self._embed(x, t, y, drop)
+        for block in self.blocks[:depth]:
+            x = block(x, c)
+        return x
+
+    def condition_drop(self, n: int, device: torch.device) -> torch.Tensor | None:
+        """The classifier-free-guidance mask a forward of n samples would draw (None: no dropout), drawn
+        with the same RNG call as inside forward, so passing it as `drop` changes no random number."""
+        return _cfg_drop(n, device, self.training, self.y_embedder.dropout_prob, None)
+
+    def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+               drop: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch tokens (with positions) and the adaLN condition (time + label or snippet)."""
+        x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        return x, self.t_embedder(t) + self.y_embedder(y, self.training, drop)
 
 
 def build_sit(model: str | None = None, **overrides) -> SiT:

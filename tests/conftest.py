@@ -33,13 +33,15 @@ def easy_data(tmp_path) -> str:
     return make_easy_dataset(str(tmp_path / "data"))
 
 
-def run_train(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run train.py (optionally under torchrun with gloo) and return the completed process."""
+def run_train(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 300,
+              script: str = "train.py") -> subprocess.CompletedProcess:
+    """Run train.py, or a script that ends in train.main (`script`, relative to the root), optionally
+    under torchrun with gloo, and return the completed process."""
     if nproc == 1:
-        cmd = [sys.executable, os.path.join(ROOT, "train.py")]
+        cmd = [sys.executable, os.path.join(ROOT, script)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               os.path.join(ROOT, "train.py")]
+               os.path.join(ROOT, script)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd + ["--num-workers", "0", "--device", "cpu"] + args, capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)

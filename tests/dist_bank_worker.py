@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from distributed import all_gather_cat, cleanup, init_distributed  # noqa: E402
-from loss import Repulsor, repulsor_loss, velocity_loss  # noqa: E402
+from loss import Context, Repulsor, repulsor_loss, velocity_loss  # noqa: E402
 from memory_bank import MemoryBank  # noqa: E402
 from models.sit import build_sit  # noqa: E402
 from train import TrainModule  # noqa: E402
@@ -113,7 +113,7 @@ def ddp_inputs(step: int) -> tuple[torch.Tensor, ...]:
 
 def ddp_step(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
     x_t, t, y, target = inputs
-    pred, terms = module(x_t, t, y)
+    pred, terms = module(Context(x_t=x_t, t=t, y=y))
     (velocity_loss(pred, target) + DDP_REG_WEIGHT * terms["reg"]).backward()
 
 

@@ -27,8 +27,8 @@ sys.path.insert(0, ROOT)
 from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from dataset import write_dataset  # noqa: E402
 from loss import (  # noqa: E402
-    REGULARISERS, Dispersive, Repulsor, build_regulariser, default_reg_depth, dispersive_loss, effective_rank,
-    repulsor_loss,
+    REGULARISERS, Context, Dispersive, NoRegulariser, Repulsor, build_regulariser, default_reg_depth,
+    dispersive_loss, effective_rank, interpolate, repulsor_loss,
 )
 from memory_bank import MemoryBank  # noqa: E402
 from models.sit import build_sit  # noqa: E402
@@ -252,10 +252,10 @@ def test_repulsor_module_pools_projects_and_uses_only_the_filled_bank():
         z1, z2 = ref_projections(rep, h1), ref_projections(rep, h2)
     torch.testing.assert_close(rep.project(h1).detach(), z1)
     torch.testing.assert_close(z1.norm(dim=1), torch.ones(4))
-    out1 = rep(h1, t)  # empty bank: in-batch negatives only
+    out1 = rep(Context(hidden=h1, t=t))  # empty bank: in-batch negatives only
     assert close(out1["reg"], ref_repulsor(rows64(z1), range(4), [], 0.3))
     assert out1["bank_fill"].item() == pytest.approx(1 / 3)
-    out2 = rep(h2, t)  # partial bank: the 4 rows of step 1, not the 8 zero rows
+    out2 = rep(Context(hidden=h2, t=t))  # partial bank: the 4 rows of step 1, not the 8 zero rows
     assert close(out2["reg"], ref_repulsor(rows64(z2), range(4), rows64(z1), 0.3))
     assert out2["bank_fill"].item() == pytest.approx(2 / 3)
     torch.testing.assert_close(rep.bank.negatives(), torch.cat([z1, z2]))
@@ -267,7 +267,7 @@ def test_repulsor_module_t_max_masks_anchors():
     t = torch.tensor([0.1, 0.9, 0.5, 0.7])
     with torch.no_grad():
         z = rep.project(h)
-    out = rep(h, t)
+    out = rep(Context(hidden=h, t=t))
     assert close(out["reg"], ref_repulsor(rows64(z), range(4), [], 0.3, [1.0, 0.0, 1.0, 0.0]))
 
 
@@ -279,11 +279,11 @@ def test_repulsor_gradient_reaches_only_current_projections():
     h1 = torch.randn(4, 3, 8, generator=g).requires_grad_(True)
     h2 = torch.randn(4, 3, 8, generator=g).requires_grad_(True)
     t = torch.full((4,), 0.5)
-    rep(h1, t)["reg"].backward()
+    rep(Context(hidden=h1, t=t))["reg"].backward()
     rep.zero_grad()
     h1.grad = None
     negatives = rep.bank.negatives()
-    out = rep(h2, t)
+    out = rep(Context(hidden=h2, t=t))
     out["reg"].backward()  # would raise if the bank held step 1's graph
     assert h1.grad is None
     assert not rep.bank.queue.requires_grad and rep.bank.queue.grad is None
@@ -308,9 +308,9 @@ def test_repulsor_global_batch_one_with_bank_first_step_is_finite():
     except ValueError as e:
         assert "global batch" in str(e)
         return
-    out = rep(torch.randn(1, 3, 8), torch.full((1,), 0.5))
+    out = rep(Context(hidden=torch.randn(1, 3, 8), t=torch.full((1,), 0.5)))
     assert torch.isfinite(out["reg"])
-    out2 = rep(torch.randn(1, 3, 8), torch.full((1,), 0.5))  # now one bank negative
+    out2 = rep(Context(hidden=torch.randn(1, 3, 8), t=torch.full((1,), 0.5)))  # now one bank negative
     assert torch.isfinite(out2["reg"])
 
 
@@ -323,7 +323,7 @@ def test_loss_math_is_fp32_under_bf16_autocast():
     for variant in Dispersive.VARIANTS:
         disp = Dispersive(1, variant, temperature=0.5, margin=40.0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = disp(hidden, t)["reg"]
+            out = disp(Context(hidden=hidden, t=t))["reg"]
         assert out.dtype == torch.float32, variant
         assert close(out, ref_dispersive(hidden, variant, 0.5, 40.0), rel=1e-4, abs_=1e-5), (variant, out.item())
     rep = small_repulsor(bank_steps=3, global_batch=8, hidden=16)
@@ -331,7 +331,7 @@ def test_loss_math_is_fp32_under_bf16_autocast():
     negatives = rep.bank.negatives()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z = rep.project(hidden).detach()  # the head itself may run in bf16
-        out = rep(hidden, t)["reg"]
+        out = rep(Context(hidden=hidden, t=t))["reg"]
     assert out.dtype == torch.float32
     assert close(out, ref_repulsor(rows64(z), range(8), rows64(negatives), 0.3), rel=1e-4)
 
@@ -363,15 +363,16 @@ def test_dispersive_infonce_l2_official_formula_and_module():
             total += math.exp(-float(((z[i] - z[j]) ** 2).sum()) / (d * tau))
     official = math.log(total / (n * n))
     disp = Dispersive(depth=1, variant="infonce_l2", temperature=tau)
-    assert close(disp(hidden, torch.full((5,), 0.3))["reg"], official)
+    assert close(disp(Context(hidden=hidden, t=torch.full((5,), 0.3)))["reg"], official)
     # Identical samples: every term is exp(0), the loss is exactly log 1 = 0.
     assert dispersive_loss(torch.ones(4, 7), "infonce_l2").item() == pytest.approx(0.0, abs=1e-6)
     # t_max drops samples before the batch statistic; fewer than 2 left gives a zero that still backprops.
     masked = Dispersive(1, "infonce_l2", tau, t_max=0.5)
     t = torch.tensor([0.1, 0.9, 0.4, 0.8, 0.2])
-    assert close(masked(hidden, t)["reg"], ref_dispersive(hidden[[0, 2, 4]], "infonce_l2", tau))
+    got = masked(Context(hidden=hidden, t=t))["reg"]
+    assert close(got, ref_dispersive(hidden[[0, 2, 4]], "infonce_l2", tau))
     h = hidden.clone().requires_grad_(True)
-    lone = masked(h, torch.tensor([0.1, 0.9, 0.9, 0.9, 0.9]))["reg"]
+    lone = masked(Context(hidden=h, t=torch.tensor([0.1, 0.9, 0.9, 0.9, 0.9])))["reg"]
     lone.backward()
     assert lone.item() == 0.0 and h.grad is not None
 
@@ -398,11 +399,11 @@ def test_default_regularisers_never_sync_with_the_host():
     hidden = torch.randn(6, 3, 8, generator=torch.Generator().manual_seed(21)).requires_grad_(True)
     t = torch.rand(6, generator=torch.Generator().manual_seed(22))
     rep = small_repulsor(bank_steps=2, global_batch=6)
-    rep(hidden.detach(), t)  # a partly filled bank: the bank branch runs too
+    rep(Context(hidden=hidden.detach(), t=t))  # a partly filled bank: the bank branch runs too
     with NoHostSync():
         for variant in Dispersive.VARIANTS:
-            Dispersive(1, variant, margin=2.0)(hidden, t)["reg"].backward()
-        out = rep(hidden, t)
+            Dispersive(1, variant, margin=2.0)(Context(hidden=hidden, t=t))["reg"].backward()
+        out = rep(Context(hidden=hidden, t=t))
         out["reg"].backward()
     assert "bank_cos_max" in out
     with pytest.raises(AssertionError, match="sync"), NoHostSync():  # the check does see a sync
@@ -424,8 +425,16 @@ def test_unknown_dispersive_variant_is_an_error():
 # ----------------------------------------------------------------------------- builder
 
 
+SIX_BLOCKS = ["--model", "custom", "--depth", "6", "--hidden-size", "64", "--num-heads", "2", "--patch-size", "4"]
+
+
 def _args(*extra: str):
     return get_args(["--data-dir", "unused", *extra])
+
+
+def _sit(depth: int = 6):
+    return build_sit(None, depth=depth, hidden_size=64, num_heads=2, patch_size=4, input_size=16, in_channels=1,
+                     num_classes=4)
 
 
 def test_default_reg_depth_and_builder():
@@ -433,26 +442,38 @@ def test_default_reg_depth_and_builder():
     assert default_reg_depth("repulsor", "SiT-XL/2", 28) == 8
     assert default_reg_depth("repulsor", None, 12) == 4
     assert default_reg_depth("dispersive", "SiT-XL/2", 28) == 7
-    assert set(REGULARISERS) == {"none", "dispersive", "repulsor", "repa"}  # repa: tests/test_repa.py
-    reg = build_regulariser(_args("--reg", "repulsor", "--bank-size", "32", "--proj-hidden", "16", "--proj-dim", "8"),
-                            None, 64, 6, 16, "cpu")
+    assert default_reg_depth("repa", "SiT-L/2", 24) == 8
+    assert {"none", "dispersive", "repulsor", "repa"} <= set(REGULARISERS)  # repa: tests/test_repa.py
+    sit = _sit()
+    reg = build_regulariser(_args(*SIX_BLOCKS, "--reg", "repulsor", "--bank-size", "32", "--proj-hidden", "16",
+                                  "--proj-dim", "8"), sit, 16, "cpu")
     assert isinstance(reg, Repulsor) and reg.depth == 2 and reg.temperature == 0.5 and reg.bank.size == 32
-    reg = build_regulariser(_args("--reg", "dispersive", "--reg-depth", "3"), None, 64, 6, 16, "cpu")
+    assert reg.head[0].in_features == 64  # the builder read the built SiT's width
+    reg = build_regulariser(_args(*SIX_BLOCKS, "--reg", "dispersive", "--reg-depth", "3"), sit, 16, "cpu")
     assert isinstance(reg, Dispersive) and reg.depth == 3 and reg.temperature == 0.5
-    assert build_regulariser(_args(), None, 64, 6, 16, "cpu").depth is None
+    assert build_regulariser(_args(*SIX_BLOCKS), sit, 16, "cpu").depth is None
+    # The named size comes from --model, unless --depth overrides it (then the custom rule, depth // 3).
+    assert build_regulariser(_args("--model", "SiT-B/2", "--reg", "repulsor", "--proj-hidden", "8"),
+                             sit, 16, "cpu").depth == 4
+    assert build_regulariser(_args("--model", "SiT-B/2", "--depth", "6", "--reg", "repulsor", "--proj-hidden", "8"),
+                             sit, 16, "cpu").depth == 2
+    # The older call (model name, width, depth instead of the SiT) still builds the same regulariser.
+    old = build_regulariser(_args("--reg", "dispersive"), None, 64, 6, 16, "cpu")
+    assert isinstance(old, Dispersive) and old.depth == 1
 
 
 @pytest.mark.parametrize("depth", ["7", "-1", "0"])
 def test_reg_depth_out_of_range_is_an_error(depth):
     with pytest.raises(ValueError, match=f"--reg-depth {depth} is outside 1..6"):
-        build_regulariser(_args("--reg", "dispersive", "--reg-depth", depth), None, 64, 6, 16, "cpu")
+        build_regulariser(_args(*SIX_BLOCKS, "--reg", "dispersive", "--reg-depth", depth), _sit(), 16, "cpu")
 
 
 def test_bank_size_not_multiple_of_global_batch_is_an_error():
     with pytest.raises(ValueError, match="bank size 60 is not a multiple of the global batch 16"):
         MemoryBank(60, 8, 16)
     with pytest.raises(ValueError, match="not a multiple"):
-        build_regulariser(_args("--reg", "repulsor", "--bank-size", "60", "--proj-hidden", "8"), None, 64, 6, 16, "cpu")
+        build_regulariser(_args(*SIX_BLOCKS, "--reg", "repulsor", "--bank-size", "60", "--proj-hidden", "8"), _sit(),
+                          16, "cpu")
 
 
 # ----------------------------------------------------------------------------- memory bank
@@ -722,40 +743,38 @@ def test_noise_pairs_resume_exactly_and_count_images_per_step(runs):
         "error: --global-batch-size 15 is not divisible by world size 1 x --grad-accum-steps 1 x 2 (--noise-pairs)")
 
 
-def test_noise_pairs_step_sees_each_image_twice_at_independent_times_and_noises(monkeypatch):
+def test_noise_pairs_step_sees_each_image_twice_at_independent_times_and_noises():
+    """Seen through the seam, as any regulariser sees a step: [images, same images], each at its own
+    time and noise, with the context's x_t and target from those."""
     import train as train_mod
 
-    seen = {}
-    original = train_mod.interpolate
+    seen = []
 
-    def spy(path_type, x, noise, t):
-        seen.update(x=x.clone(), noise=noise.clone(), t=t.clone())
-        return original(path_type, x, noise, t)
+    class Spy(NoRegulariser):
+        def forward(self, ctx):
+            seen.append(ctx)
+            return {}
 
-    monkeypatch.setattr(train_mod, "interpolate", spy)
     args = get_args(["--data-dir", "unused", "--model", "custom", "--depth", "2", "--hidden-size", "32",
                      "--num-heads", "2", "--patch-size", "4", "--global-batch-size", "8", "--noise-pairs"])
     torch.manual_seed(0)
     sit = build_sit(None, depth=2, hidden_size=32, num_heads=2, patch_size=4, input_size=8, in_channels=1,
                     num_classes=3)
-    labels_seen = []
-    module = train_mod.TrainModule(sit, train_mod.Regulariser())
-    forward = module.forward
-    def recording_forward(x_t, t, y, images=None):
-        labels_seen.append(y.clone())
-        return forward(x_t, t, y, images)
-
-    module.forward = recording_forward
+    module = train_mod.TrainModule(sit, Spy())
     params = list(module.parameters())
     opt = train_mod.make_optimizer(params, args)
     batch = (torch.randn(4, 1, 8, 8), torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 2, 1]))
     one, zero = torch.ones(1, 1, 1), torch.zeros(1, 1, 1)
     train_mod.train_step(module, opt, torch.amp.GradScaler("cpu", enabled=False), params, batch, args, one, zero,
                          None)
-    x, noise, t = seen["x"], seen["noise"], seen["t"]
+    ctx = seen[0]
+    x, noise, t = ctx.x, ctx.noise, ctx.t
     assert x.shape[0] == 8 and torch.equal(x[:4], batch[0]) and torch.equal(x[4:], batch[0])
-    assert torch.equal(labels_seen[0], torch.tensor([0, 1, 2, 1, 0, 1, 2, 1]))
+    assert torch.equal(ctx.y, torch.tensor([0, 1, 2, 1, 0, 1, 2, 1]))
     assert (noise[:4] - noise[4:]).abs().amin(dim=(1, 2, 3)).gt(0).all() and (t[:4] != t[4:]).all()
+    x_t, target = interpolate(args.path_type, x, noise, t)
+    assert torch.equal(ctx.x_t, x_t) and torch.equal(ctx.target, target) and ctx.pred.shape == x.shape
+    assert ctx.hidden is None and ctx.sit is sit and ctx.ema is None  # no block asked for, no EMA attached
 
 
 def _train_head_alone(head: str, steps: int = 60, batch: int = 32, hidden: int = 32) -> tuple[dict, dict]:
@@ -767,7 +786,7 @@ def _train_head_alone(head: str, steps: int = 60, batch: int = 32, hidden: int =
     opt = torch.optim.Adam(rep.parameters(), lr=1e-3)
     mean = 3 * torch.randn(hidden)
     for _ in range(steps):
-        out = rep(mean + 0.3 * torch.randn(batch, 4, hidden), torch.rand(batch))
+        out = rep(Context(hidden=mean + 0.3 * torch.randn(batch, 4, hidden), t=torch.rand(batch)))
         opt.zero_grad()
         out["reg"].backward()
         opt.step()
@@ -798,7 +817,7 @@ def test_effective_rank_reference():
 def test_dispersive_logs_uniformity():
     disp = Dispersive(1, "infonce_l2")
     h = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(3))
-    out = disp(h, torch.full((6,), 0.5))
+    out = disp(Context(hidden=h, t=torch.full((6,), 0.5)))
     u = F.normalize(h.reshape(6, -1), dim=1)
     cos = u @ u.T
     assert close(out["batch_cos_mean"], (cos.sum() - cos.diagonal().sum()) / 30)

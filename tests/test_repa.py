@@ -19,7 +19,7 @@ import encoders
 from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import TINY_MODEL, run_train
 from dataset import DataError, LatentDataset, data_fingerprint, fingerprint_mismatch, write_dataset
-from loss import REPA, build_regulariser, needs_images, repa_image_size, repa_loss
+from loss import REPA, Context, build_regulariser, needs_images, repa_image_size, repa_loss
 from models.sit import build_sit
 from preprocessing import encode
 from preprocessing.images import ImageFolderSource
@@ -125,7 +125,7 @@ def test_projector_shapes_targets_and_encoder_outside_the_module():
     assert want.shape == (4, 16, 32)
 
     x_t, t, y = torch.randn(4, 1, 16, 16), torch.rand(4), torch.randint(0, 3, (4,))
-    out, terms = module(x_t, t, y, images)
+    out, terms = module(Context(x_t=x_t, t=t, y=y, images=images))
     assert out.shape == x_t.shape and terms["reg"].shape == () and terms["reg"].dtype == torch.float32
     terms["reg"].backward()
     assert all(p.grad is not None for p in reg.projector.parameters())
@@ -133,7 +133,7 @@ def test_projector_shapes_targets_and_encoder_outside_the_module():
     assert sit.final_layer.linear.weight.grad is None  # but nothing above it
     assert all(p.grad is None for p in enc.parameters())
     with pytest.raises(ValueError, match="needs each item's image") as e:
-        reg(torch.randn(4, 16, 64), t)
+        reg(Context(hidden=torch.randn(4, 16, 64), t=t))
     one_line(e)
 
 
@@ -361,8 +361,8 @@ def test_noise_pairs_encode_each_image_once_and_bf16_runs_keep_bf16_encoder_weig
     images = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8)
     images = torch.cat([images, images])
     hidden, t = torch.randn(6, 16, 64), torch.rand(6)
-    want = plain(hidden, t, images)["reg"]
-    got = paired(hidden, t, images)["reg"]
+    want = plain(Context(hidden=hidden, t=t, images=images))["reg"]
+    got = paired(Context(hidden=hidden, t=t, images=images))["reg"]
     assert seen == [6, 3]
     torch.testing.assert_close(got, want)
 
@@ -371,4 +371,4 @@ def test_noise_pairs_encode_each_image_once_and_bf16_runs_keep_bf16_encoder_weig
     assert next(reg.encoder.parameters()).dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in reg.projector.parameters())  # trained weights stay fp32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.isfinite(reg(torch.randn(4, 16, 64), torch.rand(4), images[:4])["reg"])
+        assert torch.isfinite(reg(Context(hidden=torch.randn(4, 16, 64), t=torch.rand(4), images=images[:4]))["reg"])

@@ -61,7 +61,7 @@ def _tiny_step_setup(precision="no"):
     torch.manual_seed(0)
     sit = build_sit(None, depth=2, hidden_size=64, num_heads=2, patch_size=4, input_size=16, in_channels=1,
                     num_classes=4)
-    reg = build_regulariser(args, None, 64, 2, 4, "cpu")
+    reg = build_regulariser(args, sit, 4, "cpu")
     module = TrainModule(sit, reg).train()
     params = [p for p in module.parameters() if p.requires_grad]
     opt = make_optimizer(params, args)
@@ -433,7 +433,7 @@ def test_skip_flag_is_exactly_zero_or_one_and_dist_timeout_is_a_flag(monkeypatch
     torch.manual_seed(0)
     sit = build_sit(None, depth=2, hidden_size=32, num_heads=2, patch_size=4, input_size=8, in_channels=4,
                     num_classes=3)
-    module = TrainModule(sit, build_regulariser(args, None, 32, 2, 4, "cpu"))
+    module = TrainModule(sit, build_regulariser(args, sit, 4, "cpu"))
     params = [p for p in module.parameters() if p.requires_grad]
     opt = make_optimizer(params, args)
     seen = []
