@@ -221,7 +221,7 @@ def _time_mask(t: torch.Tensor, t_max: float) -> torch.Tensor:
     return (t <= t_max).float()
 
 
-PROJ_HEADS = ("centred", "standardised", "running", "mlp")
+PROJ_HEADS = ("standardised", "centred", "running", "mlp")
 
 
 class Repulsor(Regulariser):
@@ -237,11 +237,13 @@ class Repulsor(Regulariser):
     Why the head centres (`head`, --proj-head): pooled block features share a large mean, so with
     a bank of stale negatives every sample gets nearly the same gradient (away from the bank's
     mean); Adam turns that rank-one gradient into one shared output direction and, after the L2
-    norm, the batch collapses to a point that chases its own trail in the bank. Centring the head's
+    norm, the batch collapses to a point that chases its own trail in the bank. Normalising the head's
     outputs over the global batch before the L2 norm removes that shared direction:
-      centred       u - mean_batch(u)                (the default)
-      standardised  (u - mean_batch(u)) / std_batch(u), per dimension (BatchNorm without affine)
-      running       u - running mean of u (momentum 0.9, bias-corrected; current batch included)
+      standardised  (u - mean_batch(u)) / std_batch(u), per dimension (BatchNorm without affine; the
+                    default: every dimension keeps unit variance, so the projections cannot shrink
+                    onto a few directions, which plain centring allows: bank effective rank ~4 of 128)
+      centred       u - mean_batch(u)
+      running       u - running mean of u (momentum 0.9; the current batch included)
       mlp           u itself (the collapsing head before the fix; an ablation)
     Statistics come from the gathered GLOBAL batch (after the single all-gather), so N ranks x b
     still train exactly like 1 rank x N b. Running mean and variance are kept for every head (as
@@ -277,7 +279,7 @@ class Repulsor(Regulariser):
         g.add_argument("--bank-dtype", type=str, default="fp32", choices=list(BANK_DTYPES))
         g.add_argument("--reg-pool", type=str, default="mean", choices=["mean"],
                        help="repulsor: token pooling")
-        g.add_argument("--proj-head", type=str, default="centred", choices=PROJ_HEADS,
+        g.add_argument("--proj-head", type=str, default="standardised", choices=PROJ_HEADS,
                        help="repulsor: how head outputs are centred over the global batch before the L2 norm "
                             "(mlp: not at all, the head that collapses; see loss.Repulsor)")
         g.add_argument("--repulsor-batch-weight", type=float, default=1.0,
@@ -309,7 +311,7 @@ class Repulsor(Regulariser):
     def __init__(self, hidden_size: int, depth: int, proj_dim: int = 128, proj_hidden: int = 2048,
                  temperature: float = 0.5, bank_size: int = 65536, bank_dtype: str = "fp32",
                  global_batch: int = 256, pool: str = "mean", t_max: float = 1.0,
-                 device: torch.device | str = "cpu", pairs: bool = False, head: str = "centred",
+                 device: torch.device | str = "cpu", pairs: bool = False, head: str = "standardised",
                  batch_weight: float = 1.0):
         super().__init__()
         if pool != "mean":

@@ -6,7 +6,8 @@ and repulsor; FID at several step counts (fixed sample count, reference and samp
     python benchmarks/convergence.py --ablation --seeds 0             # Repulsor ablation, 1 seed
     python benchmarks/convergence.py --study scale                    # none vs repulsor at widths 32, 64, 128
     python benchmarks/convergence.py --study pairs                    # the noise-pair positive (--noise-pairs)
-    python benchmarks/convergence.py --study heads --steps 1600 --eval-every 800   # the collapse fix (--proj-head)
+    python benchmarks/convergence.py --study heads --steps 1600 --eval-every 800 \
+        --configs none repulsor-mlp repulsor-centred repulsor             # the collapse fix (--proj-head)
 
 The README lists the exact commands behind its tables.
 
@@ -76,11 +77,12 @@ PAIRS = {
     "pairs-repulsor": ["--reg", "repulsor", "--noise-pairs"],
 }
 # Projection heads (the collapse fix): the head before the fix (mlp) collapses within the batch; each
-# candidate fix changes only --proj-head (or the in-batch weight); "repulsor" is today's default (centred).
+# candidate fix changes only --proj-head (or the in-batch weight); "repulsor" is today's default
+# (standardised, the winner of this study).
 HEADS = {
     "repulsor-mlp": ["--reg", "repulsor", "--proj-head", "mlp"],
+    "repulsor-centred": ["--reg", "repulsor", "--proj-head", "centred"],
     "repulsor": ["--reg", "repulsor"],
-    "repulsor-standardised": ["--reg", "repulsor", "--proj-head", "standardised"],
     "repulsor-running": ["--reg", "repulsor", "--proj-head", "running"],
     "repulsor-mlp-bw32": ["--reg", "repulsor", "--proj-head", "mlp", "--repulsor-batch-weight", "32"],
 }

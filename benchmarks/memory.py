@@ -147,7 +147,7 @@ def random_encoder_checkpoint(path: str, *, latent_shape: list[int], num_classes
     block = default_reg_depth("repulsor", None, depth)
     head = Repulsor(hidden_size, block, proj_dim, proj_hidden, bank_size=0, global_batch=2)
     args = dict(model="custom", depth=depth, reg="repulsor", reg_depth=block, proj_dim=proj_dim,
-                proj_head="centred",
+                proj_head="standardised",
                 proj_hidden=proj_hidden, path_type="linear", seed=seed,
                 note="random weights (benchmarks/memory.py control): never trained")
     save_checkpoint(path, {"ema": sit.state_dict(), "regulariser": head.state_dict(), "step": 0, "args": args,

@@ -54,10 +54,10 @@ DDP_LOCAL = 3
 DDP_STEPS = 2  # the second step meets the first step's batch in the bank
 DDP_REG_WEIGHT = 1.0
 DDP_CONFIGS = {  # name: (bank size, rows pre-filled, t_max, projection head)
-    "nobank": (0, 0, 1.0, "centred"),
-    "bank": (12, 6, 1.0, "centred"),  # step 1 fills it, step 2 wraps; centred over the GLOBAL batch
-    "bank_mask": (12, 6, 0.5, "centred"),
-    "bank_standardised": (12, 6, 1.0, "standardised"),
+    "nobank": (0, 0, 1.0, "standardised"),
+    "bank": (12, 6, 1.0, "standardised"),  # step 1 fills it, step 2 wraps; statistics of the GLOBAL batch
+    "bank_mask": (12, 6, 0.5, "standardised"),
+    "bank_centred": (12, 6, 1.0, "centred"),
     "bank_running": (12, 6, 1.0, "running"),
     "bank_mlp": (12, 6, 1.0, "mlp"),
 }

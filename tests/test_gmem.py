@@ -398,7 +398,7 @@ def test_dinov2_local_weights_file_with_resampled_positions(tmp_path):
     one_line(e)
 
 
-def sit_checkpoint(path: str, reg: str = "repulsor", proj_head: str | None = "centred",
+def sit_checkpoint(path: str, reg: str = "repulsor", proj_head: str | None = "standardised",
                    **args) -> tuple[SiT, Repulsor | None]:
     """A train.py-format checkpoint of a tiny SiT on 1 x 8 x 8 data (weights off adaLN-Zero).
     proj_head None: a checkpoint from before --proj-head (uncentred head, no running statistics)."""
@@ -409,7 +409,8 @@ def sit_checkpoint(path: str, reg: str = "repulsor", proj_head: str | None = "ce
         head = Repulsor(32, 1, proj_dim=8, proj_hidden=16, bank_size=0, global_batch=2, head=proj_head or "mlp")
         for p in head.parameters():
             p.data.add_(0.05 * torch.randn_like(p))
-        head.running_mean.normal_()  # the centre eval mode uses for single images
+        head.running_mean.normal_()  # the statistics eval mode uses for single images
+        head.running_var.uniform_(0.5, 2.0)
         state = head.state_dict()
         if proj_head is None:
             state = {k: v for k, v in state.items() if not k.startswith("running_")}
@@ -436,10 +437,10 @@ def sit_argv(data_dir: str, ckpt: str, *extra: str) -> list[str]:
             "--workers", "0", *extra]
 
 
-@pytest.mark.parametrize("proj_head", ["centred", None])
+@pytest.mark.parametrize("proj_head", ["standardised", "centred", None])
 def test_sit_snippets_are_the_repulsor_projection_of_the_clean_latent(latent_data, tmp_path, proj_head):
-    """Snippets: the head's projection of each image alone, centred with the head's running mean (an
-    uncentred head from before --proj-head: not centred)."""
+    """Snippets: the head's projection of each image alone, normalised with the head's running statistics
+    (an uncentred head from before --proj-head: not at all)."""
     ckpt = str(tmp_path / "run" / "checkpoints" / "0000007.pt")
     model, head = sit_checkpoint(ckpt, proj_head=proj_head)
     assert build_memory(sit_argv(latent_data, ckpt)) == 0
@@ -450,7 +451,11 @@ def test_sit_snippets_are_the_repulsor_projection_of_the_clean_latent(latent_dat
     with torch.no_grad():
         _, hidden = model.eval()(x, torch.zeros(10), torch.full((10,), 4), return_hidden_at=1)  # null class
         u = head.head(hidden.mean(1))
-        want = torch.nn.functional.normalize(u - head.running_mean if proj_head else u, dim=1)
+        if proj_head:
+            u = u - head.running_mean
+        if proj_head == "standardised":
+            u = u / (head.running_var + 1e-5).sqrt()
+        want = torch.nn.functional.normalize(u, dim=1)
     torch.testing.assert_close(mem[np.arange(10)], want, atol=2e-3, rtol=0)
     if proj_head is None:
         return
