@@ -493,8 +493,10 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return u.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def save_grid(images: np.ndarray, path: str, nrow: int | None = None, pad: int = 2) -> None:
-    """Tile N x H x W x 3 uint8 images into one PNG (nrow per row, default ceil(sqrt(N))), atomically."""
+def save_grid(images: np.ndarray, path: str, nrow: int | None = None, pad: int = 2, min_size: int = 512) -> None:
+    """Tile N x H x W x 3 uint8 images into one PNG (nrow per row, default ceil(sqrt(N))), atomically.
+    Small images are enlarged by an integer factor, nearest neighbour (pixels stay pixels), until the
+    grid's shorter side is at least `min_size`: a grid of 32 px samples is otherwise a thumbnail."""
     from PIL import Image
 
     images = np.asarray(images)
@@ -507,6 +509,9 @@ def save_grid(images: np.ndarray, path: str, nrow: int | None = None, pad: int =
     for k, img in enumerate(images):
         r, c = divmod(k, nrow)
         canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
+    factor = max(1, math.ceil(min_size / min(canvas.shape[:2])))
+    if factor > 1:
+        canvas = canvas.repeat(factor, axis=0).repeat(factor, axis=1)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     Image.fromarray(canvas).save(tmp, format="PNG")

@@ -440,10 +440,15 @@ def test_save_grid(tmp_path):
     from PIL import Image
 
     images = np.random.default_rng(0).integers(0, 256, (5, 4, 6, 3), dtype=np.uint8)
-    save_grid(images, str(tmp_path / "g.png"), nrow=3)
+    save_grid(images, str(tmp_path / "g.png"), nrow=3, min_size=0)
     grid = np.asarray(Image.open(tmp_path / "g.png"))
     assert grid.shape == (2 * 6 + 2, 3 * 8 + 2, 3)
     assert (grid[2:6, 2:8] == images[0]).all() and (grid[8:12, 2:8] == images[3]).all()
+    save_grid(images, str(tmp_path / "big.png"), nrow=3)  # default: enlarged (nearest) to >= 512 px
+    big = np.asarray(Image.open(tmp_path / "big.png"))
+    factor = -(-512 // 14)  # ceil(512 / the shorter side)
+    assert big.shape == (14 * factor, 26 * factor, 3) and min(big.shape[:2]) >= 512
+    assert (big[::factor, ::factor] == grid).all()
 
 
 # ----------------------------------------------------------------------------------------------
