@@ -322,6 +322,8 @@ def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
     baseline = "pairs-none" if a.study == "pairs" else "none"
     health = {k: r for k, r in results.items() if k.endswith("/health")}
     results = {k: r for k, r in results.items() if not k.endswith("/health")}
+    if a.study == "heads":  # heads not run on the CPU (the GPU head study has them all) get no empty row
+        names = [n for n in names if any(r["config"] == n for r in results.values())]
     steps = sorted({r["step"] for r in results.values() if r["config"] in names and r["step"] <= a.steps})
     fid = {(r["config"], r["seed"], r["step"]): r["fid"] for r in results.values()}
     lines, paired, means = fid_tables(fid, names, steps, baseline)

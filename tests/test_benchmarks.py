@@ -201,3 +201,19 @@ def test_scale_study_configs_and_dispersive_at_the_largest_width(monkeypatch):
     assert configs["w256-dispersive"] == ["--hidden-size", "256", "--reg", "dispersive"]
     monkeypatch.setattr(sys, "argv", ["convergence.py", "--study", "scale"])  # width 128 is the demo's SiT
     assert conv.study_configs(conv.get_args())["repulsor"] == ["--reg", "repulsor"]
+
+
+def test_committed_head_study_table_is_what_report_only_prints(tmp_path):
+    """The head study's table (README and docs) is reproduced exactly by --report-only from the committed
+    per-run results (FIDs and second-half health), so the numbers can be re-checked without re-running."""
+    committed = os.path.join(ROOT, "benchmarks", "results", "heads")
+    out = str(tmp_path)
+    with open(os.path.join(committed, "results.json")) as f, open(os.path.join(out, "results.json"), "w") as g:
+        g.write(f.read())
+    r = _report(out, "--study", "heads", "--steps", "1600")
+    assert r.returncode == 0, r.stderr
+    table = open(os.path.join(out, "table.md")).read()
+    assert table == open(os.path.join(committed, "table.md")).read()
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    rows = [line for line in table.splitlines() if line.startswith("| repulsor")]
+    assert rows and all(line in readme for line in rows)

@@ -103,3 +103,21 @@ def test_gpu_convergence_fid_from(convergence_out, tmp_path):
     assert data["errors"] == [] and data["sections"]["fid"]["status"] == "ok"
     assert math.isfinite(data["runs"]["none"]["fid"]) and "fid" not in data["runs"]["repulsor"]
     assert "FID-8 (vs 8 test)" in open(fid_out / "gpu_convergence.md").read()
+
+
+def test_committed_gpu_tables_are_rendered_from_the_committed_json():
+    """The GPU session's markdown (README's "On a GPU" numbers) is exactly what the scripts render from
+    the committed JSON, so a table can be re-checked without a GPU."""
+    import json
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_check
+    import gpu_convergence
+
+    base = os.path.join(ROOT, "benchmarks", "results", "gpu")
+    for module, sub, name in ((gpu_check, "", "gpu_check"), (gpu_convergence, "s2", "gpu_convergence"),
+                              (gpu_convergence, "heads", "gpu_convergence")):
+        with open(os.path.join(base, sub, f"{name}.json")) as f:
+            data = json.load(f)
+        with open(os.path.join(base, sub, f"{name}.md")) as f:
+            assert module.render(data) == f.read(), (sub, name)
