@@ -485,7 +485,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     total_new = sum(e - s for s, e in pending)
     log(f"sampling {args.num_samples} images ({args.mode}, {num_steps} steps{', Heun' if args.heun else ''}, "
         f"cfg {args.cfg_scale:g} on t in [{args.guidance_low:g}, {args.guidance_high:g}], {setup.path_type} "
-        f"path, vae {vae_name}, {args.precision}{', TF32' if settings['tf32'] else ''}, "
+        f"path, vae {vae_name}, {args.precision}"
+        f"{', TF32' if settings['tf32'] and info.device.type == 'cuda' else ''}, "
         f"{settings['labels']} {'labels' if setup.memory is None else 'snippets'}) on {world} rank(s); "
         f"{len(chunks) - len(pending)} of "
         f"{len(chunks)} chunks already done, {total_new} images to go -> {paths.npz}")

@@ -405,10 +405,13 @@ def main(args: argparse.Namespace) -> None:
                                       args.seed)
     loader_kwargs = dict(batch_size=micro_batch * args.grad_accum_steps // per_image, drop_last=True,
                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                         persistent_workers=False,
+                         # Workers stay up across epochs (the sampler runs in this process, so
+                         # set_epoch still decides each epoch's order; the dataset draws no randomness).
+                         persistent_workers=args.num_workers > 0,
                          # Own generator: a new loader iterator must not draw from the global RNG,
                          # or a resumed run (which starts one mid-epoch) would diverge.
                          generator=torch.Generator().manual_seed(args.seed))
+    loader = DataLoader(dataset, sampler=sampler, **loader_kwargs)
     tracker = make_tracker(args, run_dir) if info.is_main else None
     grid_fn = (make_sample_grid_fn(args, ema, manifest, run_dir, device) if args.sample_every and info.is_main
                else None)
@@ -423,7 +426,7 @@ def main(args: argparse.Namespace) -> None:
     while step < args.max_steps:
         epoch, start = divmod(step, sampler.steps_per_epoch)
         sampler.set_epoch(epoch, start)
-        for batch in DataLoader(dataset, sampler=sampler, **loader_kwargs):  # (mean, std, labels[, images])
+        for batch in loader:  # (mean, std, labels[, images])
             batch = tuple(v.to(device, non_blocking=True) for v in batch)
             step_terms, nonfinite = train_step(ddp, opt, scaler, params, batch, args, scale, shift, amp_dtype)
             step += 1
