@@ -390,7 +390,7 @@ def prepare_output(paths: OutPaths, rank: int) -> None:
 
 
 def load_setup(args: argparse.Namespace, info: DistInfo, log) -> tuple[SamplingSetup, Any, str]:
-    ckpt = load_checkpoint(args.ckpt)
+    ckpt = load_checkpoint(args.ckpt, fix="pass another --ckpt")
     check_condition_flags(args, (ckpt.get("model_config") or {}).get("cond", "class"))
     overrides = dict(model=args.model, num_classes=args.num_classes, input_size=args.input_size)
     setup = setup_from_checkpoint(ckpt, weights=args.weights, config_overrides=overrides,

@@ -679,7 +679,8 @@ def choose_checkpoint(args: argparse.Namespace, ckpt_dir: str, info, log) -> tup
                                  "run, or another --exp-name")
             return None
         if args.resume != "auto":
-            picked["ckpt"] = load_checkpoint(args.resume)
+            picked["ckpt"] = load_checkpoint(args.resume, fix="pass another --resume PATH, or --resume auto for the "
+                                                          "run's newest readable checkpoint")
             return args.resume
         path, ckpt = newest_loadable_checkpoint(ckpt_dir, log)
         if path is None and checkpoints_newest_first(ckpt_dir):
@@ -695,7 +696,7 @@ def choose_checkpoint(args: argparse.Namespace, ckpt_dir: str, info, log) -> tup
     ckpt, error = picked.get("ckpt"), None
     if not info.is_main:
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, fix=None)
         except CheckpointError as e:  # e.g. a node that does not see the file: every rank must stop, not hang
             error = f"rank {info.rank}: {e}"
     errors = [e for e in gather_objects(error) if e]
@@ -723,6 +724,13 @@ def restore_training_state(ckpt: dict, path: str, args: argparse.Namespace, mani
     trained = {**reg_class.legacy_defaults, **ckpt["args"]}  # flags added after the checkpoint was written
     for key in RESUME_MUST_MATCH + reg_class.must_match:
         if trained.get(key) is not None and trained[key] != getattr(args, key, None):
+            source = reg_class.set_by.get(key)  # a value derived from a flag's weights (REPA's encoder hash)
+            if source is not None:
+                flag = "--" + source.replace("_", "-")
+                raise CheckpointError(f"checkpoint {path} was trained with {flag} {trained.get(source)} ({key} "
+                                      f"{trained[key]}), now {flag} {getattr(args, source, None)} ("
+                                      f"{getattr(args, key, None)}): resume with {flag} {trained.get(source)} (or "
+                                      "another copy of the same weights)")
             flag = "--" + key.replace("_", "-")
             raise CheckpointError(f"checkpoint {path} was trained with {flag} {trained[key]} "
                                   f"(now {getattr(args, key, None)}): resume with the same value")

@@ -182,7 +182,8 @@ class DinoEncoder:
         self.source = source_from_manifest(manifest, args.data_path)
         self.items = dataset_items(manifest, len(self.source))
         self.num_items = len(self.items)
-        self.model = load_dinov2(args.dinov2_weights, args.image_size, config, args.seed).to(device)
+        self.model = load_dinov2(args.dinov2_weights, args.image_size, config, args.seed,
+                                 config_flag="--dinov2-config").to(device)
         self.device, self.dtype, self.image_size = device, dtype, args.image_size
         self.dim = int(self.model.num_features)
         weights = args.dinov2_weights
@@ -263,7 +264,7 @@ class SitEncoder:
     def __init__(self, args: argparse.Namespace, data_dir: str, manifest: dict, device: torch.device,
                  dtype: torch.dtype):
         path = args.encoder.split(":", 1)[1]
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, fix="pass another --encoder sit:CKPT")
         if "model_config" not in ckpt:
             raise CheckpointError(f"checkpoint {path!r} has no model_config (not written by train.py): the sit "
                                   "encoder needs one of our training checkpoints")

@@ -665,6 +665,10 @@ def test_clear_errors(tmp_path, capsys):
         return err
 
     assert "does not exist" in error_of("--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "out" / "a.npz")
+    (tmp_path / "cut.pt").write_bytes(Path(ckpt).read_bytes()[:300])  # a copy cut off
+    err = error_of("--ckpt", tmp_path / "cut.pt", "--out", tmp_path / "out" / "a.npz")
+    assert f"checkpoint {tmp_path / 'cut.pt'} is damaged (300 bytes, truncated or not written by torch.save) and " \
+           "cannot be read: pass another --ckpt" in err and "_use_new_zipfile_serialization" not in err
     # Incompatible: the config says hidden size 64, the weights were made at 32.
     bad = tmp_path / "bad.pt"
     good = torch.load(ckpt, weights_only=False)

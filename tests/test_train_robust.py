@@ -193,12 +193,28 @@ def test_unreadable_newest_checkpoint_falls_back_and_stale_temp_files_go(tmp_pat
     damaged = bad.read_bytes()
     stale = ckpt_dir / "0000006.pt.tmp-999999"
     stale.write_bytes(b"x" * 1000)
+    capsys.readouterr()
     train.main(_args(data, res, "--max-steps", "5", "--ckpt-every", "5"))
     out = capsys.readouterr().out
-    assert f"skipping unreadable checkpoint {bad}" in out and "resumed from" in out and "0000002.pt at step 2" in out
+    good = ckpt_dir / "0000002.pt"
+    line = [line for line in out.splitlines() if str(bad) in line][0]  # damaged, what is used instead, how to pick
+    size = "empty" if damage == "empty" else f"{len(damaged)} bytes, truncated or not written by torch.save"
+    assert line.endswith(f"checkpoint {bad} is damaged ({size}) and cannot be read; left in place, resuming from "
+                         f"{good} instead (--resume PATH picks another checkpoint)"), line
+    assert "_use_new_zipfile_serialization" not in out and f"resumed from {good} at step 2" in out
     assert bad.read_bytes() == damaged  # left in place for inspection
+    with pytest.raises(train.CheckpointError, match=f"^checkpoint {bad} is damaged .* cannot be read: pass another "
+                                                    "--resume PATH, or --resume auto for the run's newest readable"):
+        train.main(_args(data, res, "--max-steps", "6", "--resume", str(bad)))
     assert not stale.exists()
     assert _metric_steps(res) == [1, 2, 3, 4, 5]  # the steps past the checkpoint were logged once
+
+
+def test_a_legacy_format_checkpoint_still_loads(tmp_path):
+    """mmap needs torch's zip format; a file saved in the legacy format is not damaged and loads without it."""
+    path = str(tmp_path / "0000001.pt")
+    torch.save({"step": 1, "w": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
+    assert load_checkpoint(path)["step"] == 1
 
 
 def test_metrics_with_a_partial_line_and_a_failing_plot_do_not_stop_training(tmp_path, monkeypatch):
