@@ -113,13 +113,20 @@ def newest_loadable_checkpoint(ckpt_dir: str, log=print) -> tuple[str | None, di
     """The newest checkpoint that loads, as (path, contents); (None, None) if there is none.
 
     A garbage, truncated or empty newer file (a disk that filled up, a copy that was cut off) is
-    reported in one line and left in place for inspection; the previous checkpoint is used.
+    reported in one line, naming the checkpoint used instead, and left in place for inspection.
     """
+    damaged = []
     for path in checkpoints_newest_first(ckpt_dir):
         try:
-            return path, load_checkpoint(path)
+            ckpt = load_checkpoint(path, fix=None)
         except CheckpointError as e:
-            log(f"skipping unreadable checkpoint {path} (left in place): {e}")
+            damaged.append(str(e))
+            continue
+        for why in damaged:
+            log(f"{why}; left in place, resuming from {path} instead (--resume PATH picks another checkpoint)")
+        return path, ckpt
+    for why in damaged:
+        log(f"{why}; left in place, and no older checkpoint loads")
     return None, None
 
 
@@ -168,14 +175,21 @@ class RunLock:
             self.file = None
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
+def load_checkpoint(path: str, fix: str | None = "pass the path of a readable checkpoint") -> dict[str, Any]:
+    """torch.load onto the CPU, memory-mapped (no full copy per rank). A file torch cannot read is one
+    CheckpointError line saying it is damaged, then `fix` (None: the caller adds what to do)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist: pass the path of a .pt file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # no full copy per rank
-    except Exception as e:  # truncated / not a torch file
-        raise CheckpointError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: {e}): "
-                              "it is corrupt or not a torch checkpoint") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001
+        try:  # mmap needs the zip format; a valid legacy (non-zip) file still loads without it
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 (torch's own message would suggest re-saving with mmap options)
+            size = os.path.getsize(path)
+            what = "empty" if size == 0 else f"{size} bytes, truncated or not written by torch.save"
+            raise CheckpointError(f"checkpoint {path} is damaged ({what}) and cannot be read"
+                                  + (f": {fix}" if fix else "")) from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(ckpt).__name__}, not a dict of weights")
     return ckpt

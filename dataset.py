@@ -144,9 +144,15 @@ def _check_labels(path: str, labels: np.ndarray, num_classes: int, fix: str) -> 
                         f"{num_classes}: {fix}")
 
 
+def labels_sha256(labels: np.ndarray) -> str:
+    """SHA-256 of a shard's labels as int64 values (so the file's header and dtype do not matter)."""
+    return hashlib.sha256(np.ascontiguousarray(labels, dtype="<i8").tobytes()).hexdigest()
+
+
 def write_manifest(data_dir: str, manifest: dict) -> None:
     """Write manifest.json last, after checking that every shard it names is complete and that its
-    labels lie in [0, num_classes); records label_min / label_max in `manifest` (readers trust them)."""
+    labels lie in [0, num_classes); records label_min / label_max and, per shard, the labels'
+    `label_sha256` in `manifest` (the reader checks the files against them)."""
     lo, hi = None, None
     for i, shard in enumerate(manifest["shards"]):
         if not shard_complete(data_dir, i):
@@ -164,6 +170,7 @@ def write_manifest(data_dir: str, manifest: dict) -> None:
         if labels.size:
             lo = int(labels.min()) if lo is None else min(lo, int(labels.min()))
             hi = int(labels.max()) if hi is None else max(hi, int(labels.max()))
+        shard["label_sha256"] = labels_sha256(labels)
     manifest["label_min"], manifest["label_max"] = lo, hi
     atomic_write_json(os.path.join(data_dir, MANIFEST), manifest)
 
@@ -376,21 +383,29 @@ class LatentDataset(Dataset):
         self._reset_open_files()
 
     def _check_label_range(self) -> tuple[int, int] | None:
-        """(min, max) label, checked against [0, num_classes); from the manifest when it records them."""
-        lo, hi = self.manifest.get("label_min"), self.manifest.get("label_max")
-        if lo is not None and hi is not None and 0 <= lo and hi < self.num_classes:
-            return int(lo), int(hi)
-        # Older manifest, or a bad recorded range: scan the label files (8 bytes an item) to name the shard.
-        fix = (f"fix the labels (re-run preprocessing) or num_classes in {os.path.join(self.data_dir, MANIFEST)}")
-        ranges = []
-        for fields in self._shards:
-            labels = self._read_all(fields[self._label])
-            _check_labels(fields[self._label].path, labels, self.num_classes, fix)
+        """(min, max) label. Every label file is read (8 bytes an item: 10 MB for ImageNet) and checked
+        against [0, num_classes), so a label.npy edited after preprocessing is a one-line error here,
+        not an IndexError mid-run or, for label num_classes, silent training as the null class; and
+        against the `label_sha256` the manifest records per shard (manifests written before it was
+        recorded are checked for the range only)."""
+        manifest_path = os.path.join(self.data_dir, MANIFEST)
+        fix = f"fix the labels (re-run preprocessing) or num_classes in {manifest_path}"
+        ranges, changed = [], None
+        for shard, fields in zip(self.manifest["shards"], self._shards):
+            path, labels = fields[self._label].path, self._read_all(fields[self._label])
+            _check_labels(path, labels, self.num_classes, fix)
             if labels.size:
                 ranges.append((int(labels.min()), int(labels.max())))
-        if lo is not None and hi is not None:  # the files are fine, the manifest's record is not
-            raise DataError(f"{os.path.join(self.data_dir, MANIFEST)} records labels {lo}..{hi}, outside "
-                            f"0..{self.num_classes - 1}: {fix}")
+            recorded = shard.get("label_sha256")
+            if changed is None and recorded is not None and labels_sha256(labels) != recorded:
+                changed = path
+        lo, hi = self.manifest.get("label_min"), self.manifest.get("label_max")
+        if lo is not None and hi is not None and not (0 <= lo and hi < self.num_classes):
+            raise DataError(f"{manifest_path} records labels {lo}..{hi}, outside 0..{self.num_classes - 1}: {fix}")
+        if changed is not None:
+            raise DataError(f"{changed} was changed after the dataset was written (its labels no longer match the "
+                            f"label_sha256 in {manifest_path}): re-run preprocessing to rewrite the dataset, or "
+                            "restore the file")
         return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
 
     @staticmethod

@@ -7,7 +7,9 @@ pixels) -> /255 -> ImageNet mean/std -> bicubic resize to the encoder's input si
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -26,15 +28,16 @@ def looks_like_file(name: str) -> bool:
         (".pt", ".pth", ".bin", ".safetensors"))
 
 
-def load_dinov2(weights: str, image_size: int, config: dict | None = None, seed: int = 0) -> nn.Module:
+def load_dinov2(weights: str, image_size: int, config: dict | None = None, seed: int = 0,
+                config_flag: str = "--repa-encoder-config") -> nn.Module:
     """timm DINOv2 ViT (vit_base_patch14_dinov2 unless `config` overrides its size) at image_size,
     frozen and in eval mode.
 
     weights: a hub id (needs network), a local file (timm or original DINOv2 layout; the position
     embedding is resampled to image_size) or "random" (seeded, for tests, benchmarks and controls).
+    config_flag: the caller's flag for `config`, named when a local file does not fit the architecture.
     """
     import timm
-    from timm.models.vision_transformer import checkpoint_filter_fn
 
     kwargs = dict(img_size=image_size, num_classes=0, **(config or {}))
     try:
@@ -46,8 +49,7 @@ def load_dinov2(weights: str, image_size: int, config: dict | None = None, seed:
             torch.manual_seed(seed)  # every rank builds the same random model
             model = timm.create_model(DINOV2_ARCH, pretrained=False, **kwargs)
             if weights != "random":
-                state = checkpoint_filter_fn(timm.models.load_state_dict(path), model)
-                model.load_state_dict(state, strict=True)
+                _load_weights_file(model, weights, config, config_flag)
         else:
             name = weights if weights.startswith("hf-hub:") or "/" not in weights else f"hf-hub:{weights}"
             model = timm.create_model(name, pretrained=True, **kwargs)
@@ -55,9 +57,38 @@ def load_dinov2(weights: str, image_size: int, config: dict | None = None, seed:
         raise
     except Exception as e:  # offline hub, wrong file, wrong architecture: one actionable line
         msg = (str(e).strip().splitlines() or [""])[0][:300]
+        if weights == "random" or looks_like_file(weights):  # no hub involved: the model could not be built
+            raise DataError(f"cannot build {DINOV2_ARCH} with {config_flag} {json.dumps(config or {})} "
+                            f"({type(e).__name__}: {msg}): fix {config_flag}") from None
         raise DataError(f"cannot load DINOv2 weights {weights!r} ({type(e).__name__}: {msg}): check the hub id and "
                         "network access, or pass a local weights file of vit_base_patch14_dinov2") from None
     return model.eval().requires_grad_(False)
+
+
+def _load_weights_file(model: nn.Module, weights: str, config: dict | None, config_flag: str) -> None:
+    """A local state dict into `model`: a file that cannot be read, and one whose tensors do not fit the
+    configured architecture, are one-line DataErrors, each with its own fix (no hub, no network)."""
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    try:
+        state = timm.models.load_state_dict(os.path.expanduser(weights))
+    except Exception as e:  # noqa: BLE001
+        msg = (str(e).strip().splitlines() or [""])[0][:120]
+        raise DataError(f"cannot load DINOv2 weights {weights!r}: the file cannot be read ({type(e).__name__}: {msg}): "
+                        f"pass a .pth/.safetensors state dict of {DINOV2_ARCH}") from None
+    try:
+        model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+    except Exception as e:  # noqa: BLE001 (missing/unexpected keys, shape mismatches)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = next((line for line in lines if not line.startswith("Error(s) in loading")), type(e).__name__)
+        keys = re.findall(r'"([^"]+)"', first)
+        if len(keys) > 2:  # "Missing key(s) in state_dict: ..." lists every key
+            first = f"{first.split(':')[0]}: {keys[0]}, {keys[1]} and {len(keys) - 2} more"
+        arch = DINOV2_ARCH + (f" with {config_flag} {json.dumps(config)}" if config else "")
+        raise DataError(f"cannot load DINOv2 weights {weights!r}: the file does not match the configured "
+                        f"architecture ({arch}; {first[:200]}): set {config_flag} to the file's architecture "
+                        "(embed_dim, depth, num_heads, ...), or pass a file of that architecture") from None
 
 
 def dinov2_inputs(images: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -142,6 +142,8 @@ class Regulariser(nn.Module):
                       are inherited); free_to_change: flags it may change. Every flag the class
                       declares must be in one of them (register() refuses the class otherwise)
       legacy_defaults the value of a must-match flag for checkpoints written before it existed
+      set_by          must-match values that build() derives from a flag's weights rather than a flag
+                      holds (REPA: repa_encoder_hash from --repa-encoder): the flag, for the resume refusal
       default_depth   its block when --reg-depth is not given (None: --reg-depth is required)
       build(...)      the instance for this run, given the built SiT (check blocks against it)
     Also: default_weight (--reg-weight when not given), needs_block (takes ctx.hidden; the default)
@@ -155,6 +157,7 @@ class Regulariser(nn.Module):
     must_match: tuple[str, ...] = ("reg_weight", "reg_depth", "reg_t_max")
     free_to_change: tuple[str, ...] = ()
     legacy_defaults: dict = {}
+    set_by: dict = {}
     depth: int | None = None
 
     @classmethod
@@ -588,6 +591,7 @@ class REPA(Regulariser):
     must_match = Regulariser.must_match + ("proj_hidden", "repa_encoder_hash", "repa_encoder_config",
                                            "repa_image_size")  # --proj-hidden: Repulsor's
     free_to_change = ("repa_encoder",)  # a moved file or another id of the same weights: the hash decides
+    set_by = {"repa_encoder_hash": "repa_encoder"}
 
     @classmethod
     def add_args(cls, g: argparse._ArgumentGroup) -> None:
@@ -756,6 +760,8 @@ def flag_problems(cls: type[Regulariser]) -> list[str]:
                 if f not in listed]
     problems += [f"legacy default for {k!r}, which is not in must_match" for k in cls.legacy_defaults
                  if k not in cls.must_match]
+    problems += [f"set_by {k!r}: not in must_match, or --{v.replace('_', '-')} is not its flag"
+                 for k, v in cls.set_by.items() if k not in cls.must_match or v not in flags]
     return problems
 
 

@@ -61,7 +61,7 @@ import torch.distributed as dist
 
 from checkpoint import CheckpointError, load_checkpoint, write_failed
 from dataset import DataError
-from distributed import DistInfo, init_distributed, is_dist
+from distributed import DistInfo, Preempted, StopSignals, add_preempt_arg, init_distributed, is_dist, run_stoppable
 from loss import PATH_TYPES
 from samplers import (
     DEFAULT_STEPS,
@@ -78,6 +78,7 @@ from samplers import (
 
 PRECISIONS = ("fp32", "bf16", "fp64")
 SETTINGS_FILE = "settings.json"
+STOP_FILE = "stop"  # in X.parts/: a rank got SIGTERM / SIGUSR1, every rank stops (removed by the rerun)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "about 4x faster than --no-tf32 on H100; no effect on CPU or with fp64)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights (default ema)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    add_preempt_arg(p)
     g = p.add_argument_group("checkpoints without a model config (e.g. REPA's released SiT-XL/2)")
     g.add_argument("--model", default=None, help="SiT name, e.g. SiT-XL/2")
     g.add_argument("--num-classes", type=int, default=None, help="default 1000")
@@ -388,7 +390,7 @@ def prepare_output(paths: OutPaths, rank: int) -> None:
 
 
 def load_setup(args: argparse.Namespace, info: DistInfo, log) -> tuple[SamplingSetup, Any, str]:
-    ckpt = load_checkpoint(args.ckpt)
+    ckpt = load_checkpoint(args.ckpt, fix="pass another --ckpt")
     check_condition_flags(args, (ckpt.get("model_config") or {}).get("cond", "class"))
     overrides = dict(model=args.model, num_classes=args.num_classes, input_size=args.input_size)
     setup = setup_from_checkpoint(ckpt, weights=args.weights, config_overrides=overrides,
@@ -412,7 +414,10 @@ def load_setup(args: argparse.Namespace, info: DistInfo, log) -> tuple[SamplingS
     return setup, vae, vae_name
 
 
-def run(args: argparse.Namespace, info: DistInfo) -> None:
+def run(args: argparse.Namespace, info: DistInfo, stop: StopSignals | None = None) -> None:
+    """The whole job on this rank. On SIGTERM / SIGUSR1 (`stop`) every rank drops the chunk it is making
+    and raises Preempted: finished chunks stay, and the same command resumes."""
+    stop = stop or StopSignals()
     log = print if info.is_main else (lambda *a, **k: None)
     rank, world = info.rank, info.world_size
     num_steps = args.num_steps if args.num_steps is not None else DEFAULT_STEPS[args.mode]
@@ -457,6 +462,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
                 state["pending"] = start_parts(paths, settings, chunks, state.pop("remove"), log)
         except SampleError as e:
             state = {"error": str(e), "done": False, "pending": []}
+    stop.marker = os.path.join(paths.parts, STOP_FILE)  # start_parts removed a stopped run's marker
     state = broadcast(state)
     settings = broadcast(settings)
     agree(state["error"] if info.is_main else None)
@@ -500,6 +506,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     acc_lab: list[np.ndarray] = []
     acc, ci = 0, 0
     for b in range(0, len(indices), args.per_proc_batch_size):
+        if stop.requested():  # the chunk in flight is dropped: the rerun makes it
+            break
         batch = indices[b:b + args.per_proc_batch_size]
         images, labels = generate(setup, vae, batch, seed=args.seed, class_balanced=args.class_balanced,
                                   mode=args.mode, num_steps=num_steps, heun=args.heun, cfg_scale=args.cfg_scale,
@@ -523,10 +531,15 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     bar.close()
 
     if not info.is_main:
+        if ci < len(mine):
+            raise Preempted("")
         return
     # Rank 0 waits for the other ranks' chunks through the file system rather than a collective,
     # so a slower rank cannot trip a process-group timeout (torchrun stops us if a rank dies).
     while missing := [c for c in pending if not chunk_done(paths.parts, *c)]:
+        if stop.requested():
+            raise Preempted(f"stopped by {stop.why()}: {len(chunks) - len(missing)} of {len(chunks)} chunks are "
+                            f"saved in {paths.parts}; run the same command to resume")
         if world == 1:
             raise SampleError(f"{len(missing)} chunks are missing from {paths.parts} after sampling, e.g. "
                               f"images {missing[0][0]}..{missing[0][1] - 1}: was it modified meanwhile? rerun")
@@ -617,6 +630,8 @@ def start_parts(paths: OutPaths, settings: dict, chunks: list[tuple[int, int]], 
         if remove:
             log(f"--overwrite: removed {', '.join(remove)}")
         os.makedirs(paths.parts, exist_ok=True)
+        if os.path.exists(os.path.join(paths.parts, STOP_FILE)):  # left by a stopped run: this one resumes
+            os.remove(os.path.join(paths.parts, STOP_FILE))
         if _read_json(settings_path) is None:
             _atomic_write_json(settings_path, settings)
     except OSError as e:
@@ -680,7 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = 0
     try:
         with tf32_allowed(tf32_setting(args)):  # set here only, restored on return
-            run(args, info)
+            code = run_stoppable(run, args, info)
     except (SampleError, CheckpointError, DataError) as e:
         if info.is_main or not isinstance(e, AgreedError):
             print(f"error: {e}", file=sys.stderr)

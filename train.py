@@ -32,7 +32,8 @@ from checkpoint import (CheckpointError, RunLock, checkpoints_newest_first, load
                         newest_loadable_checkpoint, remove_stale_temp_files, save_checkpoint)
 from dataset import (DataError, DistributedEpochSampler, LatentDataset, atomic_write_json, data_fingerprint,
                      fingerprint_mismatch, latent_scale_shift, sample_latents)
-from distributed import DistInfo, barrier, cleanup, init_distributed, is_dist
+from distributed import (DistInfo, StopSignals, add_preempt_arg, barrier, cleanup, host_group, ignore_stop_signals,
+                         init_distributed, is_dist)
 from gmem import MemoryBankError, MemoryDataset, SnippetMemory, open_dataset_memory
 from loss import (PATH_TYPES, TIME_SAMPLINGS, Context, Regulariser, add_regulariser_args,
                   build_regulariser, interpolate, needs_images, regulariser_checks, regulariser_class,
@@ -90,6 +91,7 @@ def add_run_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dist-timeout-min", type=float, default=60.0,
                    help="minutes a collective may wait (ranks wait while rank 0 writes a checkpoint)")
+    add_preempt_arg(g)  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit with this code
 
 
 def add_model_args(g: argparse._ArgumentGroup) -> None:
@@ -368,8 +370,15 @@ class Run:
     model_config: dict
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> int:
+    """Train; returns the exit status: 0, or --preempt-exit-code after a stop on SIGTERM / SIGUSR1."""
+    with StopSignals() as stop:
+        return run_training(args, stop)
+
+
+def run_training(args: argparse.Namespace, stop: StopSignals) -> int:
     info = init_distributed(args.device, args.dist_timeout_min)
+    stop_group = host_group(args.dist_timeout_min)  # the per-step stop flag: host only, never the GPU stream
     device, world = info.device, info.world_size
     per_image, micro_batch = batch_split(args, world)
     if device.type == "cuda":  # set both ways: the process may have inherited either setting
@@ -410,7 +419,8 @@ def main(args: argparse.Namespace) -> None:
                          persistent_workers=args.num_workers > 0,
                          # Own generator: a new loader iterator must not draw from the global RNG,
                          # or a resumed run (which starts one mid-epoch) would diverge.
-                         generator=torch.Generator().manual_seed(args.seed))
+                         generator=torch.Generator().manual_seed(args.seed),
+                         worker_init_fn=ignore_stop_signals)  # a scheduler signals the workers too
     loader = DataLoader(dataset, sampler=sampler, **loader_kwargs)
     tracker = make_tracker(args, run_dir) if info.is_main else None
     grid_fn = (make_sample_grid_fn(args, ema, manifest, run_dir, device) if args.sample_every and info.is_main
@@ -423,7 +433,8 @@ def main(args: argparse.Namespace) -> None:
     pbar = tqdm(total=args.max_steps, initial=step, disable=not info.is_main, dynamic_ncols=True,
                 desc="train")
     train_module.train()
-    while step < args.max_steps:
+    stopped_by = 0  # the stop signal all ranks agreed on
+    while step < args.max_steps and not stopped_by:
         epoch, start = divmod(step, sampler.steps_per_epoch)
         sampler.set_epoch(epoch, start)
         for batch in loader:  # (mean, std, labels[, images])
@@ -435,8 +446,9 @@ def main(args: argparse.Namespace) -> None:
             update_ema(ema, sit, decay, applied)
             window.append(step_terms)
             pbar.update(1)
-            is_log_step = step % args.log_every == 0 or step == args.max_steps
-            is_ckpt_step = step % args.ckpt_every == 0 or step == args.max_steps
+            stopped_by = agreed_stop(stop, stop_group)
+            is_log_step = step % args.log_every == 0 or step == args.max_steps or stopped_by > 0
+            is_ckpt_step = step % args.ckpt_every == 0 or step == args.max_steps or stopped_by > 0
             if is_log_step or is_ckpt_step:  # the only host reads of the non-finite flags
                 try:
                     skipped = guard.check(args, ckpt_dir)
@@ -451,16 +463,33 @@ def main(args: argparse.Namespace) -> None:
             t_pause = time.time()
             if is_ckpt_step:
                 save_training_state(run, parts, step, epoch, sampler.steps_per_epoch)
-            if grid_fn is not None and step % args.sample_every == 0:
+            if grid_fn is not None and step % args.sample_every == 0 and not stopped_by:
                 grid_fn(step)
             t_window += time.time() - t_pause  # keep steps/s about training, not saving or sampling
-            if step >= args.max_steps:
+            if step >= args.max_steps or stopped_by:
                 break
     pbar.close()
-    log(f"done: {step} steps; checkpoints in {ckpt_dir}")
+    preempted = stopped_by > 0 and step < args.max_steps
+    if preempted:
+        log(f"stopped by {stop.why(stopped_by)} at step {step}: saved {os.path.join(ckpt_dir, f'{step:07d}.pt')}; "
+            f"run the same command to resume (exit status {args.preempt_exit_code})")
+    else:
+        log(f"done: {step} steps; checkpoints in {ckpt_dir}")
     cleanup()
     if lock is not None:
         lock.release()
+    return args.preempt_exit_code if preempted else 0
+
+
+def agreed_stop(stop: StopSignals, group) -> int:
+    """The stop signal any rank has received (0: none), the same value on every rank: a 4-byte
+    all-reduce (MAX) on the host gloo group, once per step. Every rank makes it after every step, so
+    all of them stop after the same step, also when the signal reached one rank only; being a CPU
+    tensor on gloo it never waits for the GPU."""
+    flag = torch.tensor([stop.signum], dtype=torch.int32)
+    if group is not None:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return int(flag[0])
 
 
 def batch_split(args: argparse.Namespace, world: int) -> tuple[int, int]:
@@ -653,7 +682,8 @@ def choose_checkpoint(args: argparse.Namespace, ckpt_dir: str, info, log) -> tup
                                  "run, or another --exp-name")
             return None
         if args.resume != "auto":
-            picked["ckpt"] = load_checkpoint(args.resume)
+            picked["ckpt"] = load_checkpoint(args.resume, fix="pass another --resume PATH, or --resume auto for the "
+                                                          "run's newest readable checkpoint")
             return args.resume
         path, ckpt = newest_loadable_checkpoint(ckpt_dir, log)
         if path is None and checkpoints_newest_first(ckpt_dir):
@@ -669,7 +699,7 @@ def choose_checkpoint(args: argparse.Namespace, ckpt_dir: str, info, log) -> tup
     ckpt, error = picked.get("ckpt"), None
     if not info.is_main:
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, fix=None)
         except CheckpointError as e:  # e.g. a node that does not see the file: every rank must stop, not hang
             error = f"rank {info.rank}: {e}"
     errors = [e for e in gather_objects(error) if e]
@@ -697,6 +727,13 @@ def restore_training_state(ckpt: dict, path: str, args: argparse.Namespace, mani
     trained = {**reg_class.legacy_defaults, **ckpt["args"]}  # flags added after the checkpoint was written
     for key in RESUME_MUST_MATCH + reg_class.must_match:
         if trained.get(key) is not None and trained[key] != getattr(args, key, None):
+            source = reg_class.set_by.get(key)  # a value derived from a flag's weights (REPA's encoder hash)
+            if source is not None:
+                flag = "--" + source.replace("_", "-")
+                raise CheckpointError(f"checkpoint {path} was trained with {flag} {trained.get(source)} ({key} "
+                                      f"{trained[key]}), now {flag} {getattr(args, source, None)} ("
+                                      f"{getattr(args, key, None)}): resume with {flag} {trained.get(source)} (or "
+                                      "another copy of the same weights)")
             flag = "--" + key.replace("_", "-")
             raise CheckpointError(f"checkpoint {path} was trained with {flag} {trained[key]} "
                                   f"(now {getattr(args, key, None)}): resume with the same value")
@@ -896,7 +933,7 @@ def make_sample_grid_fn(args, ema: SiT, manifest: dict, run_dir: str, device: to
 
 if __name__ == "__main__":
     try:
-        main(get_args())
+        sys.exit(main(get_args()))
     except (TrainError, DataError, CheckpointError, ValueError) as e:
         if os.environ.get("REPULSOR_DEBUG"):
             raise

@@ -45,13 +45,15 @@ from tqdm import tqdm
 
 from dataset import (MANIFEST, DataError, atomic_write_json, image_manifest_fields, make_manifest, shard_complete,
                      shard_name, write_manifest, write_shard)
-from distributed import DistInfo, barrier, init_distributed
+from distributed import (DistInfo, Preempted, StopSignals, add_preempt_arg, any_rank, barrier, ignore_stop_signals,
+                         init_distributed, run_stoppable)
 from preprocessing.images import FashionMNISTSource, ImageError, ImageFolderSource
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 RUN_FILE = "run.json"      # settings of the run that owns this directory (resume guard)
 META_FILE = "meta.json"    # per-shard sidecar, written after the shard's arrays
 STOP_EXIT_CODE = 3         # --stop-after-shards (simulated crash)
+STOP_FILE = ".stop"        # a rank got SIGTERM / SIGUSR1: every rank stops (removed by the rerun)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SHARD_SIZE = 10_000    # default cap: resume granularity of about 1 % of ImageNet
 SHARD_BYTES = 256 << 20    # default: keep one shard's mean + std under 256 MiB of RAM
@@ -98,6 +100,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(faster on GPU, but the posterior moments then come out of a half-precision layer)")
     p.add_argument("--stop-after-shards", type=int, default=None,
                    help="testing / resume drills only: each rank exits with code 3 after writing this many shards")
+    add_preempt_arg(p)
     args = p.parse_args(argv)
     if args.dataset == "folder":
         if not args.data_path:
@@ -306,8 +309,12 @@ def check_output(out: str, config: dict, info: DistInfo) -> None:
 # ----------------------------------------------------------------------------- main work
 
 def encode_shards(source: Any, encoder: Encoder, out: str, todo: list[int], shard_size: int,
-                  latent_shape: tuple[int, ...], args: argparse.Namespace, info: DistInfo) -> int:
-    """Encode this rank's unfinished shards; returns the number of source images read."""
+                  latent_shape: tuple[int, ...], args: argparse.Namespace, info: DistInfo,
+                  stop: StopSignals | None = None) -> int:
+    """Encode this rank's unfinished shards; returns the number of source images read. Once `stop` is
+    requested (SIGTERM / SIGUSR1 on any rank) it returns after the current batch, dropping the shard
+    in flight (a rerun encodes it)."""
+    stop = stop or StopSignals()
     image_shape = (args.resolution, args.resolution, source.channels)
     n = len(source)
     batches: list[list[int]] = []
@@ -323,7 +330,8 @@ def encode_shards(source: Any, encoder: Encoder, out: str, todo: list[int], shar
     if workers < 0:
         workers = min(8, max(0, (os.cpu_count() or 1) // info.world_size - 1))
     loader = DataLoader(_Items(source), batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-                        pin_memory=info.device.type == "cuda", prefetch_factor=4 if workers else None)
+                        pin_memory=info.device.type == "cuda", prefetch_factor=4 if workers else None,
+                        worker_init_fn=ignore_stop_signals)  # a scheduler signals the workers too
     total = sum(len(b) for b in batches)
     bar = tqdm(total=total, unit="img", disable=not info.is_main, dynamic_ncols=True, smoothing=0.05,
                desc=f"encode rank 0/{info.world_size}" if info.world_size > 1 else "encode",
@@ -333,6 +341,9 @@ def encode_shards(source: Any, encoder: Encoder, out: str, todo: list[int], shar
     for shard, nb in zip(todo, per_shard):
         means, stds, labels, pixels, skipped = [], [], [], [], []
         for _ in range(nb):
+            if stop.requested():
+                bar.close()
+                return total
             images, labs, bad = next(it)
             for index, err in bad:
                 skipped.append(dict(index=index, path=source.describe(index), error=err))
@@ -414,8 +425,10 @@ def finalize(out: str, num_shards: int, latent_shape: tuple[int, ...], source: A
     return manifest
 
 
-def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
-    """The whole job on this rank; returns the manifest on rank 0."""
+def run(args: argparse.Namespace, argv: Sequence[str], stop: StopSignals | None = None) -> dict | None:
+    """The whole job on this rank; returns the manifest on rank 0. Raises Preempted after a stop
+    (SIGTERM / SIGUSR1, see `encode_shards`)."""
+    stop = stop or StopSignals()
     t0 = time.time()
     check_paths(args)
     info = init_distributed(args.device)
@@ -463,6 +476,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
         config["store_images"] = True
     out = args.out
     check_output(out, config, info)
+    stop.marker = os.path.join(out, STOP_FILE)
+    if info.is_main:
+        stop.clear_marker()  # left by a stopped run: this one resumes
     barrier()  # every rank checked the old run.json before rank 0 replaces it
     if info.is_main:
         atomic_write_json(os.path.join(out, RUN_FILE), dict(config=config))
@@ -478,11 +494,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
             f"(e.g. {source.ignored[0]}); they are listed in the manifest", file=sys.stderr)
     encoder = Encoder(vae, info.device, dtype)
     t1 = time.time()
-    done = encode_shards(source, encoder, out, todo, shard_size, latent_shape, args, info)
+    done = encode_shards(source, encoder, out, todo, shard_size, latent_shape, args, info, stop)
     dt = time.time() - t1
-    if done:
+    if done and not stop.requested():
         print(f"rank {info.rank}: encoded {done} images in {dt:.1f} s ({done / max(dt, 1e-9):.1f} img/s)", flush=True)
-    barrier()
+    if any_rank(stop.requested()):  # also the barrier before rank 0 merges the shards
+        finished = sum(read_meta(out, i) is not None for i in range(num_shards)) if info.is_main else 0
+        raise Preempted(f"stopped by {stop.why()}: {finished} of {num_shards} shards are complete in {out}; run "
+                        "the same command to resume" if info.is_main else "")
     if not info.is_main:
         return None
     extra = dict(vae=args.vae, flip=args.flip, resolution=args.resolution, shard_size=shard_size,
@@ -506,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
-        run(args, argv)
+        return run_stoppable(run, args, argv)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -516,7 +535,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # no barrier: other ranks may be gone after an error
-    return 0
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ from tqdm import tqdm
 import gmem
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from dataset import DataError, LatentDataset, atomic_write_json, data_fingerprint, latent_scale_shift, read_manifest
-from distributed import DistInfo, barrier, init_distributed
+from distributed import (DistInfo, Preempted, StopSignals, add_preempt_arg, any_rank, barrier, ignore_stop_signals,
+                         init_distributed, run_stoppable)
 from encoders import (DEFAULT_DINOV2, DINOV2_ARCH, IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401 (re-exported)
                       dinov2_inputs, load_dinov2, looks_like_file)
 from gmem import MemoryBankError
@@ -65,6 +66,7 @@ from samplers import image_seed
 
 RUN_FILE = "run.json"      # settings of the build that owns the bank directory (resume guard)
 STOP_EXIT_CODE = 3         # --stop-after-chunks (simulated crash)
+STOP_FILE = ".stop"        # a rank got SIGTERM / SIGUSR1: every rank stops (removed by the rerun)
 
 
 class StopAfterChunks(Exception):
@@ -104,6 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--sit-weights", choices=("ema", "model"), default="ema")
     p.add_argument("--stop-after-chunks", type=int, default=None,
                    help="testing / resume drills only: each rank exits with code 3 after writing this many chunks")
+    add_preempt_arg(p)
     args = p.parse_args(argv)
     kind = args.encoder.split(":", 1)[0]
     if kind not in ("dinov2", "sit") or (kind == "sit") != (":" in args.encoder) or args.encoder == "sit:":
@@ -179,7 +182,8 @@ class DinoEncoder:
         self.source = source_from_manifest(manifest, args.data_path)
         self.items = dataset_items(manifest, len(self.source))
         self.num_items = len(self.items)
-        self.model = load_dinov2(args.dinov2_weights, args.image_size, config, args.seed).to(device)
+        self.model = load_dinov2(args.dinov2_weights, args.image_size, config, args.seed,
+                                 config_flag="--dinov2-config").to(device)
         self.device, self.dtype, self.image_size = device, dtype, args.image_size
         self.dim = int(self.model.num_features)
         weights = args.dinov2_weights
@@ -260,7 +264,7 @@ class SitEncoder:
     def __init__(self, args: argparse.Namespace, data_dir: str, manifest: dict, device: torch.device,
                  dtype: torch.dtype):
         path = args.encoder.split(":", 1)[1]
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, fix="pass another --encoder sit:CKPT")
         if "model_config" not in ckpt:
             raise CheckpointError(f"checkpoint {path!r} has no model_config (not written by train.py): the sit "
                                   "encoder needs one of our training checkpoints")
@@ -352,8 +356,11 @@ def check_output(out: str, config: dict, info: DistInfo) -> bool:
 
 
 def encode_chunks(encoder: Any, out: str, todo: list[int], chunk_size: int, args: argparse.Namespace,
-                  info: DistInfo) -> int:
-    """Encode this rank's unfinished chunks; returns the number of items encoded."""
+                  info: DistInfo, stop: StopSignals | None = None) -> int:
+    """Encode this rank's unfinished chunks; returns the number of items encoded. Once `stop` is
+    requested (SIGTERM / SIGUSR1 on any rank) it returns after the current batch, dropping the chunk
+    in flight (a rerun encodes it)."""
+    stop = stop or StopSignals()
     n = encoder.num_items
     batches: list[list[int]] = []
     per_chunk: list[int] = []
@@ -367,7 +374,8 @@ def encode_chunks(encoder: Any, out: str, todo: list[int], chunk_size: int, args
     if workers < 0:
         workers = min(8, max(0, (os.cpu_count() or 1) // info.world_size - 1))
     loader = DataLoader(encoder.dataset, batch_sampler=batches, num_workers=workers, collate_fn=encoder.collate,
-                        pin_memory=info.device.type == "cuda", prefetch_factor=4 if workers else None)
+                        pin_memory=info.device.type == "cuda", prefetch_factor=4 if workers else None,
+                        worker_init_fn=ignore_stop_signals)  # a scheduler signals the workers too
     total = sum(min((c + 1) * chunk_size, n) - c * chunk_size for c in todo)
     bar = tqdm(total=total, unit="item", disable=not info.is_main, dynamic_ncols=True, smoothing=0.05,
                desc=f"memory rank 0/{info.world_size}" if info.world_size > 1 else "memory",
@@ -377,6 +385,9 @@ def encode_chunks(encoder: Any, out: str, todo: list[int], chunk_size: int, args
     for c, nb in zip(todo, per_chunk):
         rows = []
         for _ in range(nb):
+            if stop.requested():
+                bar.close()
+                return total
             indices, batch = next(it)
             rows.append(encoder(indices, batch).cpu())
             bar.update(len(rows[-1]))
@@ -398,8 +409,10 @@ def encode_chunks(encoder: Any, out: str, todo: list[int], chunk_size: int, args
     return total
 
 
-def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
-    """The whole job on this rank; returns memory.json's contents on rank 0."""
+def run(args: argparse.Namespace, argv: Sequence[str], stop: StopSignals | None = None) -> dict | None:
+    """The whole job on this rank; returns memory.json's contents on rank 0. Raises Preempted after a
+    stop (SIGTERM / SIGUSR1, see `encode_chunks`)."""
+    stop = stop or StopSignals()
     t0 = time.time()
     info = init_distributed(args.device)
     say = print if info.is_main else (lambda *a, **k: None)
@@ -424,7 +437,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
                   count=n, chunk_size=chunk_size, data_hash=data_fingerprint(manifest)["hash"])
     config = json.loads(json.dumps(config))  # tuples -> lists, as it reads back from run.json
     done = check_output(out, config, info)
-    barrier()  # every rank checked the old run.json before rank 0 replaces it
+    stop.marker = os.path.join(out, STOP_FILE)
+    if info.is_main:
+        stop.clear_marker()  # left by a stopped run: this one resumes
+    barrier()  # every rank checked the old run.json (and no stale marker is left) before rank 0 replaces it
     if done:
         say(f"memory: {out} is already complete ({n} snippets, {encoder.dim}-d): nothing to do", flush=True)
         return gmem.read_memory_meta(out) if info.is_main else None
@@ -438,11 +454,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
     if len(todo) < len(mine):
         say(f"resume: rank 0 skips {len(mine) - len(todo)} completed chunks", flush=True)
     t1 = time.time()
-    count = encode_chunks(encoder, out, todo, chunk_size, args, info)
+    count = encode_chunks(encoder, out, todo, chunk_size, args, info, stop)
     dt = time.time() - t1
-    if count:
+    if count and not stop.requested():
         print(f"rank {info.rank}: encoded {count} items in {dt:.1f} s ({count / max(dt, 1e-9):.1f} items/s)", flush=True)
-    barrier()
+    if any_rank(stop.requested()):  # also the barrier before rank 0 joins the chunks
+        finished = sum(gmem.chunk_complete(out, c) for c in range(num_chunks)) if info.is_main else 0
+        raise Preempted(f"stopped by {stop.why()}: {finished} of {num_chunks} chunks are complete in {out}; run "
+                        "the same command to resume" if info.is_main else "")
     if not info.is_main:
         return None
     meta = gmem.finalize_memory(out, num_chunks, encoder=encoder.kind, encoder_id=encoder.encoder_id,
@@ -458,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
-        run(args, argv)
+        return run_stoppable(run, args, argv)
     except (DataError, CheckpointError) as e:  # MemoryBankError is a DataError
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -468,7 +487,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # no barrier: other ranks may be gone after an error
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dataset import (DataError, DistributedEpochSampler, LatentDataset, data_fingerprint, fingerprint_mismatch,
-                     latent_scale_shift, make_manifest, read_manifest, sample_latents, write_dataset, write_manifest)
+                     labels_sha256, latent_scale_shift, make_manifest, read_manifest, sample_latents, write_dataset,
+                     write_manifest)
 
 
 def _arrays(n=50, shape=(4, 8, 8), seed=0):
@@ -272,6 +273,49 @@ def test_label_range_recorded_and_checked(tmp_path):
     np.save(os.path.join(d, "shard-00002", "label.npy"), np.zeros(4, np.float32))
     _edit_manifest(d, label_max=5)
     with pytest.raises(DataError, match=r"shard-00002.label\.npy holds float32 labels, not integers"):
+        LatentDataset(d)
+
+
+def test_labels_edited_after_writing_are_refused_at_open(tmp_path):
+    """The manifest records each shard's label_sha256; opening the dataset reads every label file (8 bytes
+    an item) and refuses, in one line naming the file and the fix, labels out of range (12, -1, the null
+    class 10) or changed in range. A manifest from before the hash (and the range) still opens, range-checked."""
+    mean, std, _ = _arrays(20)
+    labels = np.arange(20) % 10
+    d = str(tmp_path / "d")
+    m = write_dataset(d, mean, std, labels, num_classes=10, shard_size=8)
+    assert [s["label_sha256"] for s in m["shards"]] == [labels_sha256(labels[i:i + 8]) for i in (0, 8, 16)]
+    assert LatentDataset(d).label_range == (0, 9)
+    np.save(os.path.join(d, "shard-00001", "label.npy"), labels[8:16].astype(np.int32))  # same values, other dtype
+    assert LatentDataset(d).label_range == (0, 9)
+    for bad, what in ((12, "label 12, outside 0..9"), (-1, "label -1, outside 0..9"),
+                      (10, r"label 10 \(the classifier-free-guidance null class\), outside 0..9")):
+        _rewrite_labels(d, "shard-00001", np.r_[labels[8:11], bad, labels[12:16]])
+        with pytest.raises(DataError, match=r"^\S*shard-00001.label\.npy item 3 has " + what + r".*re-run preprocessing") as e:
+            LatentDataset(d)
+        assert "\n" not in str(e.value)
+    _rewrite_labels(d, "shard-00001", labels[8:16][::-1])  # every label still valid, but not the written ones
+    with pytest.raises(DataError, match=r"^\S*shard-00001.label\.npy was changed after the dataset was written "
+                                        r"\(its labels no longer match the label_sha256 in \S*manifest.json\): "
+                                        r"re-run preprocessing to rewrite the dataset, or restore the file$"):
+        LatentDataset(d)
+    import train  # the run stops at open, in one line, before it creates anything
+
+    res = tmp_path / "res"
+    with pytest.raises(DataError, match="shard-00001.label.npy was changed after"):
+        train.main(train.get_args(["--data-dir", d, "--results-dir", str(res), "--device", "cpu"]))
+    assert not res.exists()
+    # A manifest written before the hashes (and the recorded range): opens, with the range still checked.
+    with open(os.path.join(d, "manifest.json")) as f:
+        old = json.load(f)
+    for shard in old["shards"]:
+        del shard["label_sha256"]
+    del old["label_min"], old["label_max"]
+    with open(os.path.join(d, "manifest.json"), "w") as f:
+        json.dump(old, f)
+    assert LatentDataset(d).label_range == (0, 9)
+    _rewrite_labels(d, "shard-00002", [0, 1, 10, 2])
+    with pytest.raises(DataError, match=r"shard-00002.label\.npy item 2 has label 10 \(the classifier-free"):
         LatentDataset(d)
 
 

@@ -303,6 +303,35 @@ def test_kill_midway_then_resume_equals_uninterrupted(reference, image_dir, vae_
     assert "different settings (flip" in capsys.readouterr().err
 
 
+def test_stop_signal_drops_the_shard_in_flight_and_the_rerun_completes_the_same_data(reference, image_dir, vae_dir,
+                                                                                    tmp_path, capsys, monkeypatch):
+    """SIGUSR1 while the first batch of shard 1 is encoded: shard 0 stays, shard 1 is dropped, no manifest,
+    exit status --preempt-exit-code; the same command completes a dataset equal to an uninterrupted one."""
+    import signal
+
+    out = str(tmp_path / "stopped")
+    calls = []
+    real_call = encode.Encoder.__call__
+
+    def signalled_in_shard_1(self, images):
+        calls.append(len(images))
+        if len(calls) == 3:  # shard 0 is two batches (3 + 1 images)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_call(self, images)
+
+    monkeypatch.setattr(encode.Encoder, "__call__", signalled_in_shard_1)
+    capsys.readouterr()
+    assert one_thread_main(vae_args(image_dir, vae_dir, out, "--preempt-exit-code", "4")) == 4
+    assert "stopped by SIGUSR1: 1 of 4 shards are complete" in capsys.readouterr().out and len(calls) == 3
+    assert sorted(n for n in os.listdir(out) if n.startswith("shard-")) == ["shard-00000"]
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    monkeypatch.setattr(encode.Encoder, "__call__", real_call)
+    assert one_thread_main(vae_args(image_dir, vae_dir, out)) == 0
+    assert "skips 1 completed shards" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, encode.STOP_FILE))
+    assert_same_dataset(reference, out)
+
+
 # ----------------------------------------------------------------------------- pixel space
 
 def test_vae_none_flip_roundtrips_pixels(image_dir, tmp_path):

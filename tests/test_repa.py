@@ -190,6 +190,19 @@ def test_encoder_errors_are_one_line(repa_files, monkeypatch):
     with pytest.raises(ValueError, match="not valid JSON") as e:
         build(get_args(["--data-dir", "unused", "--reg", "repa", "--repa-encoder-config", "{depth"]))
     one_line(e)
+    # A local file of another size than --repa-encoder-config says: no hub, no network involved.
+    with pytest.raises(DataError) as e:
+        build(repa_args(repa_files["vit"], "--repa-encoder-config", '{"embed_dim": 48, "depth": 1, "num_heads": 2}'))
+    msg = one_line(e)
+    assert msg.startswith(f"cannot load DINOv2 weights {repa_files['vit']!r}: the file does not match the configured "
+                          'architecture (vit_base_patch14_dinov2 with --repa-encoder-config {"embed_dim": 48')
+    assert "size mismatch for cls_token" in msg and msg.endswith("set --repa-encoder-config to the file's architecture "
+                                                                 "(embed_dim, depth, num_heads, ...), or pass a file "
+                                                                 "of that architecture")
+    assert "network" not in msg and "hub" not in msg
+    with pytest.raises(DataError, match="^cannot build vit_base_patch14_dinov2 with --repa-encoder-config "
+                                        r'\{"embed_dimm": 32\} \(TypeError: .*\): fix --repa-encoder-config$'):
+        build(repa_args(repa_files["vit"], "--repa-encoder-config", '{"embed_dimm": 32}'))
 
 
 # ----------------------------------------------------------------------------- stored images
@@ -300,7 +313,27 @@ def test_two_ranks_exact_resume_and_checkpoint_without_encoder(repa_files, tmp_p
     other = [*common[:common.index("--repa-encoder") + 1], repa_files["other_vit"],
              *common[common.index("--repa-encoder") + 2:]]
     msg = _error(run_train(other + ["--exp-name", "split", "--max-steps", "8"], check=False))
-    assert "was trained with --repa-encoder-hash sha256:" in msg and "resume with the same value" in msg
+    assert f"was trained with --repa-encoder {repa_files['vit']} (repa_encoder_hash sha256:" in msg
+    assert msg.endswith(f"resume with --repa-encoder {repa_files['vit']} (or another copy of the same weights)")
+
+
+def test_resume_with_other_encoder_weights_names_the_encoder_flag(repa_files, tmp_path):
+    """The checkpoint records the encoder by hash (repa_encoder_hash, not a flag): the refusal names
+    --repa-encoder and the value to resume with."""
+    import train
+    from checkpoint import CheckpointError
+
+    common = ["--data-dir", repa_files["data"], "--results-dir", str(tmp_path), "--exp-name", "r", *TINY_MODEL,
+              "--reg", "repa", "--repa-encoder-config", TINY_VIT_JSON, "--proj-hidden", "24",
+              "--global-batch-size", "8", "--num-workers", "0", "--device", "cpu"]
+    vit, other = repa_files["vit"], repa_files["other_vit"]
+    train.main(get_args([*common, "--repa-encoder", vit, "--max-steps", "1"]))
+    with pytest.raises(CheckpointError) as e:
+        train.main(get_args([*common, "--repa-encoder", other, "--max-steps", "2"]))
+    msg = one_line(e)
+    assert f"was trained with --repa-encoder {vit} (repa_encoder_hash sha256:" in msg
+    assert f"now --repa-encoder {other} (sha256:" in msg and "--repa-encoder-hash" not in msg
+    assert msg.endswith(f"resume with --repa-encoder {vit} (or another copy of the same weights)")
 
 
 def test_repa_on_data_without_images_is_a_one_line_error(repa_files, tmp_path):

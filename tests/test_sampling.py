@@ -565,6 +565,39 @@ def test_resume_after_an_interrupted_run_gives_the_same_npz(tmp_path, capsys, mo
     assert code == 2 and "other settings" in err and "cfg_scale" in err
 
 
+def test_sigterm_drops_the_chunk_in_flight_and_the_rerun_completes_the_same_npz(tmp_path, capsys, monkeypatch):
+    """A preempted job: SIGTERM during the fourth batch (images 6, 7). The run finishes that batch, keeps
+    the two chunks it completed (images 0..5), drops the one in flight (6..8), leaves no npz and returns
+    --preempt-exit-code; the same command then completes a set identical to an uninterrupted run."""
+    import signal
+
+    ckpt = make_ckpt(tmp_path / "ckpt.pt", num_classes=3)
+    common = ["--ckpt", ckpt, "--num-samples", 11, "--per-proc-batch-size", 2, "--mode", "ode", "--num-steps", 2,
+              "--chunk-size", 3, "--precision", "fp64"]
+    assert run_main(capsys, *common, "--out", tmp_path / "ref.npz")[0] == 0
+    calls = []
+    real_generate = sample_ddp.generate
+
+    def signalled_on_fourth_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_generate(*a, **k)
+
+    monkeypatch.setattr(sample_ddp, "generate", signalled_on_fourth_batch)
+    code, stdout, err = run_main(capsys, *common, "--out", tmp_path / "run.npz", "--preempt-exit-code", 5)
+    assert code == 5 and len(calls) == 4, err
+    assert "stopped by SIGTERM: 2 of 4 chunks are saved" in stdout and "run the same command to resume" in stdout
+    assert sorted(f for f in os.listdir(tmp_path / "run.parts") if f.endswith(".npy")) == [
+        "00000000-00000003.labels.npy", "00000000-00000003.npy", "00000003-00000006.labels.npy",
+        "00000003-00000006.npy"]
+    assert not (tmp_path / "run.npz").exists() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    monkeypatch.setattr(sample_ddp, "generate", real_generate)
+    code, stdout, err = run_main(capsys, *common, "--out", tmp_path / "run.npz")
+    assert code == 0 and "resuming: 2 of 4 chunks already done" in stdout, err
+    assert sha(tmp_path / "run.npz") == sha(tmp_path / "ref.npz")
+
+
 def test_world_size_and_batch_invariance_with_torchrun(tmp_path, capsys):
     """1 rank with batch 3 vs 2 ranks with batch 5 (and another chunk size): byte-identical npz,
     labels included (drawn at random per image). torchrun runs from another working directory.
@@ -637,6 +670,10 @@ def test_clear_errors(tmp_path, capsys):
         return err
 
     assert "does not exist" in error_of("--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "out" / "a.npz")
+    (tmp_path / "cut.pt").write_bytes(Path(ckpt).read_bytes()[:300])  # a copy cut off
+    err = error_of("--ckpt", tmp_path / "cut.pt", "--out", tmp_path / "out" / "a.npz")
+    assert f"checkpoint {tmp_path / 'cut.pt'} is damaged (300 bytes, truncated or not written by torch.save) and " \
+           "cannot be read: pass another --ckpt" in err and "_use_new_zipfile_serialization" not in err
     # Incompatible: the config says hidden size 64, the weights were made at 32.
     bad = tmp_path / "bad.pt"
     good = torch.load(ckpt, weights_only=False)

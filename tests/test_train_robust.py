@@ -193,12 +193,28 @@ def test_unreadable_newest_checkpoint_falls_back_and_stale_temp_files_go(tmp_pat
     damaged = bad.read_bytes()
     stale = ckpt_dir / "0000006.pt.tmp-999999"
     stale.write_bytes(b"x" * 1000)
+    capsys.readouterr()
     train.main(_args(data, res, "--max-steps", "5", "--ckpt-every", "5"))
     out = capsys.readouterr().out
-    assert f"skipping unreadable checkpoint {bad}" in out and "resumed from" in out and "0000002.pt at step 2" in out
+    good = ckpt_dir / "0000002.pt"
+    line = [line for line in out.splitlines() if str(bad) in line][0]  # damaged, what is used instead, how to pick
+    size = "empty" if damage == "empty" else f"{len(damaged)} bytes, truncated or not written by torch.save"
+    assert line.endswith(f"checkpoint {bad} is damaged ({size}) and cannot be read; left in place, resuming from "
+                         f"{good} instead (--resume PATH picks another checkpoint)"), line
+    assert "_use_new_zipfile_serialization" not in out and f"resumed from {good} at step 2" in out
     assert bad.read_bytes() == damaged  # left in place for inspection
+    with pytest.raises(train.CheckpointError, match=f"^checkpoint {bad} is damaged .* cannot be read: pass another "
+                                                    "--resume PATH, or --resume auto for the run's newest readable"):
+        train.main(_args(data, res, "--max-steps", "6", "--resume", str(bad)))
     assert not stale.exists()
     assert _metric_steps(res) == [1, 2, 3, 4, 5]  # the steps past the checkpoint were logged once
+
+
+def test_a_legacy_format_checkpoint_still_loads(tmp_path):
+    """mmap needs torch's zip format; a file saved in the legacy format is not damaged and loads without it."""
+    path = str(tmp_path / "0000001.pt")
+    torch.save({"step": 1, "w": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
+    assert load_checkpoint(path)["step"] == 1
 
 
 def test_metrics_with_a_partial_line_and_a_failing_plot_do_not_stop_training(tmp_path, monkeypatch):
@@ -302,6 +318,108 @@ def test_two_ranks_resume_from_rank_0s_choice(tmp_path):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     assert torch.equal(a["reg_extra"]["bank"]["queue"], b["reg_extra"]["bank"]["queue"])
+
+
+# ----------------------------------------------------------------------------- preemption
+def _same_weights(a_path, b_path):
+    a, b = load_checkpoint(str(a_path)), load_checkpoint(str(b_path))
+    for key in ("model", "ema"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    assert a["opt"]["state"][0]["step"] == b["opt"]["state"][0]["step"]
+
+
+def test_stop_signal_saves_at_the_step_and_the_same_command_resumes_bitwise(tmp_path, monkeypatch):
+    """SIGUSR1 to the process and SIGTERM to its DataLoader worker (a scheduler signals every process of
+    the job) at step 3: the step finishes, a checkpoint at step 3 is written, the lock released, the
+    handlers restored and main returns --preempt-exit-code; the rerun ends equal to a straight run."""
+    import multiprocessing
+
+    data = make_easy_dataset(str(tmp_path / "data"))
+    flags = ["--max-steps", "6", "--ckpt-every", "100", "--num-workers", "1"]
+    assert train.main(_args(data, tmp_path / "straight", *flags)) == 0
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    ema_decay = train.ema_decay
+
+    def signalled_at_3(args, step):
+        if step == 3:
+            for worker in multiprocessing.active_children():  # sent by another process, as a scheduler's is
+                subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.2)  # the worker is gone before the loop goes on
+        return ema_decay(args, step)
+
+    monkeypatch.setattr(train, "ema_decay", signalled_at_3)
+    res = tmp_path / "split"
+    assert train.main(_args(data, res, *flags, "--preempt-exit-code", "3")) == 3
+    assert _ckpts(res) == ["0000003.pt"] and _metric_steps(res) == [1, 2, 3]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
+    lock = RunLock(str(res / "run"))
+    lock.acquire()  # flock is per open file: this fails while the run's own descriptor still holds it
+    lock.release()
+    monkeypatch.setattr(train, "ema_decay", ema_decay)
+    assert train.main(_args(data, res, *flags, "--preempt-exit-code", "3")) == 0
+    _same_weights(tmp_path / "straight" / "run" / "checkpoints" / "0000006.pt", res / "run" / "checkpoints" / "0000006.pt")
+    with pytest.raises(SystemExit):  # an exit status is a byte
+        get_args(["--data-dir", "d", "--preempt-exit-code", "256"])
+
+
+def test_stop_marker_reaches_ranks_that_were_not_signalled(tmp_path):
+    """sample_ddp.py and preprocessing/ ranks work without a per-step collective: the first signalled rank
+    leaves a marker on the shared output that stops the others; the rerun clears it."""
+    from distributed import StopSignals
+
+    marker = str(tmp_path / "stop")
+    signalled, other = StopSignals(marker), StopSignals(marker)
+    assert not signalled.requested() and not other.requested()
+    with signalled:
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signalled.requested() and other.requested() and os.path.isfile(marker)
+    assert (signalled.why(), other.why()) == ("SIGTERM", "a stop signal to another rank")
+    other.clear_marker()
+    assert not other.requested() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_two_ranks_stop_together_on_sigterm_to_torchrun_or_a_signal_to_one_worker(tmp_path):
+    """Real torchrun, gloo: (a) SIGTERM to the launcher mid-run (it forwards the signal to its workers);
+    (b) SIGUSR1 to worker rank 1 only, at step 4. Either way both ranks stop after the same step
+    (the per-step all-reduce of the stop flag), that step's checkpoint is the only one, and the same
+    command resumes to a final checkpoint bitwise equal to an uninterrupted run's."""
+    data = make_easy_dataset(str(tmp_path / "data"))
+    common = ["--data-dir", data, "--results-dir", str(tmp_path), *TINY_MODEL, "--global-batch-size", "8",
+              "--lr", "1e-3", "--max-steps", "10", "--ckpt-every", "100", "--log-every", "1"]
+    run_train(common + ["--exp-name", "straight"], nproc=2)
+    straight = tmp_path / "straight" / "checkpoints" / "0000010.pt"
+    worker = os.path.join(ROOT, "tests", "train_preempt_worker.py")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
+              "--num-workers", "0", "--device", "cpu", *common]
+
+    # (a) An external SIGTERM to torchrun once step 2 is logged (steps slowed to 0.3 s, so it lands mid-run).
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PREEMPT_SLOW="0.3")
+    proc = subprocess.Popen(launch + ["--exp-name", "term"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT)
+    metrics, deadline = tmp_path / "term" / "metrics.jsonl", time.time() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    saved = os.listdir(tmp_path / "term" / "checkpoints")
+    assert len(saved) == 1 and 2 <= int(saved[0][:7]) < 10, (saved, err[-3000:])
+    assert f"stopped by SIGTERM at step {int(saved[0][:7])}" in out, out[-3000:]
+    assert 'train_preempt_worker.py", line' not in err and 'train.py", line' not in err, err[-3000:]  # clean exits
+    proc = run_train(common + ["--exp-name", "term"], nproc=2)
+    assert f"resumed from {tmp_path / 'term' / 'checkpoints' / saved[0]}" in proc.stdout
+    _same_weights(straight, tmp_path / "term" / "checkpoints" / "0000010.pt")
+
+    # (b) Rank 1 alone receives SIGUSR1 at step 4: rank 0 learns it through the collective.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PREEMPT_SELF="1:4:SIGUSR1")
+    proc = subprocess.run(launch + ["--exp-name", "usr1"], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=240)
+    assert proc.returncode == 0 and "stopped by SIGUSR1 at step 4" in proc.stdout, proc.stderr[-3000:]
+    assert os.listdir(tmp_path / "usr1" / "checkpoints") == ["0000004.pt"]
+    run_train(common + ["--exp-name", "usr1"], nproc=2)
+    _same_weights(straight, tmp_path / "usr1" / "checkpoints" / "0000010.pt")
 
 
 # ----------------------------------------------------------------------------- a fresh clone
