@@ -276,3 +276,16 @@ def test_reg_until_leaves_repulsor_head_and_bank_alone_and_resumes_after_the_swi
     assert "reg" in _rows(tmp_path / "split" / "metrics.jsonl")[-1]
     with pytest.raises(train.TrainError, match=r"^--reg-until -1 must be >= 0 \(0 = never stop\)$"):
         train.get_args([*base[:-1], "-1"])
+
+
+@pytest.mark.skipif(os.environ.get("RUN_COMPILE_TESTS") != "1",
+                    reason="torch.compile is slow on CPU: set RUN_COMPILE_TESTS=1")
+def test_reg_until_with_compile(tmp_path):
+    """--compile: SRA's steps (SiT returning block tokens, EMA teacher pass) then, after --reg-until, the
+    same compiled SiT without the regulariser."""
+    data = make_easy_dataset(str(tmp_path / "data"))
+    train.main(train.get_args(["--data-dir", data, "--results-dir", str(tmp_path), *TINY_MODEL, "--compile",
+                               "--global-batch-size", "8", "--num-workers", "0", "--device", "cpu", "--log-every", "1",
+                               "--reg", "sra", "--reg-until", "1", "--max-steps", "2", "--exp-name", "c"]))
+    rows = _rows(tmp_path / "c" / "metrics.jsonl")
+    assert ["reg" in r for r in rows] == [True, False] and all(math.isfinite(r["loss"]) for r in rows)
