@@ -146,6 +146,33 @@ def test_sra_gap_zero_aligns_to_the_same_time():
     assert abs(terms["reg"].item() - value) < 1e-5
 
 
+def test_overhead_benchmark_counts_sras_teacher_pass():
+    """benchmarks/overhead.py's analytic GFLOP of SRA: the EMA's blocks 1..m forward (torch's counter,
+    which misses CPU SDPA, gives the rest of a block exactly) and the projector fwd + bwd."""
+    import argparse
+    import sys
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import overhead
+
+    sit = _sit().eval()
+    x, t, y, keep = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([0, 1, 2]), torch.zeros(3, dtype=torch.bool)
+    flops = []
+    for m in (1, 3):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            sit.hidden_at(x, t, y, m, drop=keep)
+        flops.append(counter.get_total_flops())
+    d, n, bs = 32, 4, 3
+    attention = 2 * 2 * n * n * d  # q k^T and attn v per sample and block, missed by the counter
+    reg = SRA(hidden_size=32, depth=1, teacher_depth=3)
+    parts = overhead.approx_gflop(argparse.Namespace(batch_size=bs), sit.config, reg, n)
+    assert parts["teacher fwd"] * 1e9 == pytest.approx(3 / 2 * (flops[1] - flops[0] + 2 * bs * attention))
+    assert parts["projector"] * 1e9 == pytest.approx(3 * 2 * bs * n * (32 * 64 + 64 * 32))
+    assert set(overhead.approx_gflop(argparse.Namespace(batch_size=bs), sit.config, DeltaFM(), n)) == {"SiT"}
+
+
 # ----------------------------------------------------------------------------- ΔFM
 def test_deltafm_loss_matches_hand_reference():
     g = torch.Generator().manual_seed(2)
