@@ -726,6 +726,150 @@ def repa_image_size(resolution: int, patch: int, sit_tokens: int, override: int 
     return size
 
 
+# ----------------------------------------------------------------------------- encoder-free rivals
+def _masked_mean(per_sample: torch.Tensor, t: torch.Tensor, t_max: float) -> torch.Tensor:
+    """Mean over this rank's samples, or over those with t <= t_max (--reg-t-max < 1)."""
+    if t_max >= 1:
+        return per_sample.mean()
+    mask = _time_mask(t, t_max)
+    return (per_sample * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _sra_blocks(depth: int) -> tuple[int, int]:
+    """SRA's (student, teacher) blocks for a SiT of `depth` blocks: 8 and 20 of SiT-XL's 28, scaled."""
+    student = max(1, round(depth * 8 / 28))
+    return student, min(depth, max(student + 1, round(depth * 20 / 28)))
+
+
+SRA_COS_OVER = ("tokens", "features")
+
+
+class SRA(Regulariser):
+    """Self-representation alignment (SRA, arXiv 2505.02831): the online SiT's tokens after an early block
+    (ctx.hidden, block `depth`), through a projector, are pulled towards the EMA SiT's tokens after a
+    later block (`teacher_depth`) on the same image, noise and condition at a lower noise level,
+        t_teacher = clamp(t - gap * u, 0, 1),  u ~ U(0, 1) per sample (SRA's "dynamic interval").
+    The teacher pass runs without gradient and only up to its block (ctx.hidden_at on the EMA); the EMA
+    is not a parameter, so it stays out of the optimizer, DDP and the regulariser's checkpoint.
+
+    Loss 1 - cos, averaged. SRA's code takes the cosine over dim 1 of (B, tokens, features), i.e. over
+    the tokens of each feature channel (`cos_over="tokens"`, the default, as the published runs
+    trained); "features" is the per-token cosine REPA uses. Projector: SRA's head,
+    Linear(D, 2D) -> SiLU -> Linear(2D, D) (--sra-proj-hidden sets the middle width).
+    """
+
+    name = "sra"
+    default_weight = 0.5  # SRA's weight for the cosine loss
+    must_match = Regulariser.must_match + ("sra_teacher_depth", "sra_t_gap", "sra_proj_hidden", "sra_cos_over")
+
+    @classmethod
+    def add_args(cls, g: argparse._ArgumentGroup) -> None:
+        g.add_argument("--sra-teacher-depth", type=int, default=None,
+                       help="sra: EMA block aligned to (default: 20 of SiT-XL's 28, scaled: round(depth * 20 / 28))")
+        g.add_argument("--sra-t-gap", type=float, default=0.2,
+                       help="sra: the EMA sees t - gap * U(0, 1), clamped at 0 (SRA's --t-max)")
+        g.add_argument("--sra-proj-hidden", type=int, default=None,
+                       help="sra: projector width (default: 2 x the SiT's hidden size, SRA's head)")
+        g.add_argument("--sra-cos-over", type=str, default="tokens", choices=list(SRA_COS_OVER),
+                       help="sra: cosine over each channel's tokens (SRA's code) or each token's features")
+
+    @classmethod
+    def checks(cls, args: argparse.Namespace) -> list[tuple[str, bool, str]]:
+        return [("sra_t_gap", 0 <= args.sra_t_gap <= 1, "must be in [0, 1]"),
+                ("sra_proj_hidden", args.sra_proj_hidden is None or args.sra_proj_hidden >= 1, "must be at least 1"),
+                ("sra_teacher_depth", args.sra_teacher_depth is None or args.sra_teacher_depth >= 1,
+                 "must be at least 1")]
+
+    @classmethod
+    def default_depth(cls, model_name: str | None, depth: int) -> int:
+        return _sra_blocks(depth)[0]
+
+    @classmethod
+    def build(cls, args, model, depth, global_batch, device, image_shape=None) -> Regulariser:
+        n = model.config.depth
+        teacher = args.sra_teacher_depth or _sra_blocks(n)[1]
+        if not depth < teacher <= n:
+            raise ValueError(f"--sra-teacher-depth {teacher} must be after the student's block {depth} and at most "
+                             f"{n} for this model: pass --sra-teacher-depth in {depth + 1}..{n}")
+        hidden = model.config.hidden_size
+        return cls(hidden, depth, teacher, args.sra_t_gap, args.sra_proj_hidden or 2 * hidden, args.sra_cos_over,
+                   args.reg_t_max)
+
+    def __init__(self, hidden_size: int, depth: int, teacher_depth: int, gap: float = 0.2,
+                 proj_hidden: int | None = None, cos_over: str = "tokens", t_max: float = 1.0):
+        super().__init__()
+        if cos_over not in SRA_COS_OVER:
+            raise ValueError(f"cos_over {cos_over!r}: choose one of {', '.join(SRA_COS_OVER)}")
+        self.depth, self.teacher_depth, self.gap, self.cos_over, self.t_max = depth, teacher_depth, gap, cos_over, t_max
+        proj_hidden = proj_hidden or 2 * hidden_size
+        self.proj = nn.Sequential(nn.Linear(hidden_size, proj_hidden), nn.SiLU(), nn.Linear(proj_hidden, hidden_size))
+        for m in self.proj:  # SiT initialises every Linear this way (SRA's head is inside its SiT)
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def describe(self) -> str:
+        return (f"block {self.depth} -> projector -> EMA block {self.teacher_depth} at t - {self.gap:g} U(0, 1); "
+                f"cosine over {self.cos_over}")
+
+    def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
+        # One draw from the global RNG on the step's device: part of the checkpointed RNG state.
+        t_teacher = (ctx.t - self.gap * torch.rand(ctx.t.shape, device=ctx.t.device)).clamp(0, 1)
+        x_teacher, _ = interpolate(ctx.path_type, ctx.x, ctx.noise, t_teacher)  # same image and noise, less noise
+        target = ctx.hidden_at(x_teacher, t_teacher, self.teacher_depth, model="ema")
+        per_sample = sra_loss(self.proj(ctx.hidden), target, self.cos_over)
+        return {"reg": _masked_mean(per_sample, ctx.t, self.t_max)}
+
+
+def sra_loss(z: torch.Tensor, target: torch.Tensor, cos_over: str = "tokens") -> torch.Tensor:
+    """Per-sample mean of 1 - cos(z, target) for B x N x D tokens, in fp32: the cosine over the N tokens of
+    each channel ("tokens", SRA's code) or over the D features of each token ("features")."""
+    if z.shape != target.shape:
+        raise ValueError(f"SRA: projected tokens {tuple(z.shape)} and teacher tokens {tuple(target.shape)} differ")
+    with torch.autocast(z.device.type, enabled=False):
+        dim = 1 if cos_over == "tokens" else 2
+        cos = F.cosine_similarity(z.float(), target.float(), dim=dim)  # B x D or B x N
+        return (1 - cos).mean(1)
+
+
+class DeltaFM(Regulariser):
+    """Contrastive flow matching (ΔFM, arXiv 2506.05350): push each prediction away from another sample's
+    velocity target,
+        reg = -mean_i mean_elements (pred_i - target_j(i))^2,   j(i) uniform over this rank's batch minus i,
+    so the total is the velocity MSE minus lambda (--reg-weight, ΔFM's 0.05) times the same error towards a
+    negative. No parameters and no block. The negatives are drawn from the global RNG on the step's
+    device (checkpointed, so a resume is exact). Under --noise-pairs a negative may be the twin (the same
+    image at another time and noise), whose target differs.
+    """
+
+    name = "deltafm"
+    needs_block = False
+    default_weight = 0.05  # ΔFM's README (--contrastive-weight 0.05)
+    must_match = Regulariser.must_match
+
+    @classmethod
+    def build(cls, args, model, depth, global_batch, device, image_shape=None) -> Regulariser:
+        return cls(args.reg_t_max)
+
+    def __init__(self, t_max: float = 1.0):
+        super().__init__()
+        self.t_max = t_max
+
+    def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
+        b = ctx.pred.shape[0]
+        if b < 2:
+            raise ValueError("--reg deltafm needs at least 2 samples per rank and micro-batch for a negative: raise "
+                             "--global-batch-size or lower --grad-accum-steps")
+        others = (torch.arange(b, device=ctx.pred.device) + torch.randint(1, b, (b,), device=ctx.pred.device)) % b
+        neg = deltafm_negative_error(ctx.pred, ctx.target, others)
+        return {"reg": -_masked_mean(neg, ctx.t, self.t_max)}
+
+
+def deltafm_negative_error(pred: torch.Tensor, target: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean over elements of (pred_i - target_others[i])^2, in fp32."""
+    return (pred.float() - target.float()[others]).pow(2).flatten(1).mean(1)
+
+
 # ----------------------------------------------------------------------------- the registry
 REGULARISERS: dict[str, type[Regulariser]] = {}  # --reg NAME -> class, in registration order
 
@@ -779,16 +923,21 @@ def add_regulariser_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--reg-weight", type=float, default=None, help=f"lambda (default: {weights})")
     g.add_argument("--reg-depth", type=int, default=None,
                    help="block whose output is regularised, 1-based (default: the regulariser's: repulsor "
-                        "and repa 4 for S/B, 8 for L/XL, depth // 3 custom; dispersive depth // 4)")
+                        "and repa 4 for S/B, 8 for L/XL, depth // 3 custom; dispersive depth // 4; sra "
+                        "round(depth * 8 / 28))")
     g.add_argument("--reg-t-max", type=float, default=1.0,
                    help="ablation: apply the term only where t <= this")
+    g.add_argument("--reg-until", type=int, default=0,
+                   help="stop the regulariser after this step (0 = never), as HASTE stops REPA; a resume may "
+                        "change it")
     for name, cls in REGULARISERS.items():
         cls.add_args(parser.add_argument_group(name))
 
 
 def regulariser_checks(args: argparse.Namespace) -> list[tuple[str, bool, str]]:
     """(flag, ok, rule) for the generic flags and every registered regulariser's own."""
-    checks = [("reg_t_max", 0 < args.reg_t_max <= 1, "must be in (0, 1]")]
+    checks = [("reg_t_max", 0 < args.reg_t_max <= 1, "must be in (0, 1]"),
+              ("reg_until", args.reg_until >= 0, "must be >= 0 (0 = never stop)")]
     for cls in REGULARISERS.values():
         checks += cls.checks(args)
     return checks
@@ -848,5 +997,5 @@ def build_regulariser(args: argparse.Namespace, model: SiT, global_batch: int, d
     return reg
 
 
-for _cls in (NoRegulariser, Dispersive, Repulsor, REPA):
+for _cls in (NoRegulariser, Dispersive, Repulsor, REPA, SRA, DeltaFM):
     register(_cls)

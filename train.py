@@ -35,7 +35,7 @@ from dataset import (DataError, DistributedEpochSampler, LatentDataset, atomic_w
 from distributed import (DistInfo, StopSignals, add_preempt_arg, barrier, cleanup, host_group, ignore_stop_signals,
                          init_distributed, is_dist)
 from gmem import MemoryBankError, MemoryDataset, SnippetMemory, open_dataset_memory
-from loss import (PATH_TYPES, TIME_SAMPLINGS, Context, Regulariser, add_regulariser_args,
+from loss import (PATH_TYPES, TIME_SAMPLINGS, Context, NoRegulariser, Regulariser, add_regulariser_args,
                   build_regulariser, interpolate, needs_images, regulariser_checks, regulariser_class,
                   sample_time, velocity_loss)
 from models.sit import SiT, SiT_models, build_sit, load_sit_state_dict
@@ -229,6 +229,11 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, applied: torch.Te
         torch._foreach_lerp_(ema_params, params, [applied * (1.0 - decay)] * len(ema_params))
 
 
+def reg_active(args: argparse.Namespace, step: int) -> bool:
+    """Whether the step after `step` trains the regulariser: --reg-until N stops it after step N (0: never)."""
+    return args.reg_until == 0 or step < args.reg_until
+
+
 def ema_decay(args: argparse.Namespace, step: int) -> float:
     return min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
 
@@ -400,10 +405,14 @@ def run_training(args: argparse.Namespace, stop: StopSignals) -> int:
     del ckpt
     if args.compile:
         sit.compile()  # in place: state-dict keys stay plain
-    # Wrapped after loading: DDP's construction broadcasts rank 0's weights, so every rank starts equal.
-    ddp = (DDP(train_module, device_ids=[device.index] if device.type == "cuda" else None,
-               gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copy, less memory
-           if world > 1 else train_module)
+
+    def wrap(module: nn.Module) -> nn.Module:
+        # Wrapped after loading: DDP's construction broadcasts rank 0's weights, so every rank starts equal.
+        return (DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copy, less memory
+                if world > 1 else module)
+
+    ddp, plain = wrap(train_module), None  # plain: the SiT alone, once --reg-until has passed
     if info.is_main:  # written once the lock is held and the resume checks passed: it describes the weights
         atomic_write_json(os.path.join(run_dir, "config.json"), {**run_record(run), "world_size": world})
         trim_metrics(run_dir, step)
@@ -438,6 +447,13 @@ def run_training(args: argparse.Namespace, stop: StopSignals) -> int:
         epoch, start = divmod(step, sampler.steps_per_epoch)
         sampler.set_epoch(epoch, start)
         for batch in loader:  # (mean, std, labels[, images])
+            if plain is None and not reg_active(args, step):
+                # After --reg-until the step runs the SiT without the regulariser: its parameters get no
+                # gradient (AdamW then leaves them and their state alone; checkpoints still hold them), and
+                # DDP, rebuilt around the SiT only, waits for no gradient of theirs.
+                plain = TrainModule(sit, NoRegulariser(), ema).train()
+                ddp = wrap(plain)
+                log(f"step {step}: --reg-until {args.reg_until} passed, the regulariser {args.reg} is off")
             batch = tuple(v.to(device, non_blocking=True) for v in batch)
             step_terms, nonfinite = train_step(ddp, opt, scaler, params, batch, args, scale, shift, amp_dtype)
             step += 1
@@ -456,7 +472,7 @@ def run_training(args: argparse.Namespace, stop: StopSignals) -> int:
                     pbar.close()
                     raise
             if is_log_step:
-                metrics = log_metrics(run, window, reg, step, t_window, tracker,
+                metrics = log_metrics(run, window, reg if plain is None else plain.reg, step, t_window, tracker,
                                       ema_decay=decay, skipped_steps=skipped)
                 pbar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_s=f"{metrics['steps_per_s']:.2f}")
                 window, t_window = [], time.time()

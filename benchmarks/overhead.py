@@ -44,7 +44,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from loss import REGULARISERS, REPA, Dispersive, Repulsor, build_regulariser, repulsor_loss  # noqa: E402
+from loss import REGULARISERS, REPA, SRA, Dispersive, Repulsor, build_regulariser, repulsor_loss  # noqa: E402
 from models.sit import SiT_models, build_sit  # noqa: E402
 from train import TrainModule, get_args, make_optimizer, train_step, update_ema  # noqa: E402
 
@@ -263,7 +263,11 @@ def approx_gflop(b: argparse.Namespace, sit_cfg, reg, tokens: int) -> dict[str, 
         out["encoder fwd"] = bs * (len(enc.blocks) * layer + embed) / 1e9
         proj = sum(m.in_features * m.out_features for m in reg.projector if isinstance(m, torch.nn.Linear))
         out["projector"] = 3 * 2 * bs * n * proj / 1e9
-    return out
+    elif isinstance(reg, SRA):
+        out["teacher fwd"] = bs * reg.teacher_depth * per_block / 1e9  # EMA blocks 1..m, no backward
+        proj = sum(m.in_features * m.out_features for m in reg.proj if isinstance(m, torch.nn.Linear))
+        out["projector"] = 3 * 2 * bs * n * proj / 1e9
+    return out  # ΔFM: elementwise only
 
 
 def run_model(b: argparse.Namespace, model: str, device: torch.device) -> None:
