@@ -211,9 +211,6 @@ def test_repulsor_head_kinds_match_reference(kind):
     with torch.no_grad():
         torch.testing.assert_close(rep.project(h), ref_projections(rep, h, kind), rtol=1e-5, atol=1e-6)
     assert (rep.head[-1].bias is None) == (kind != "mlp")  # a bias would be centred away
-    z = rep.project(h).detach()
-    if kind != "mlp":  # centred rows sum to zero before the norm: their mean cosine is about -1 / (B - 1)
-        assert (z.sum(0).norm() < z.shape[0]).item()
 
 
 def test_repulsor_running_statistics_in_eval_and_running_head():
@@ -812,7 +809,9 @@ def test_effective_rank_reference():
     m = torch.diag(torch.tensor([3.0, 1.0]))
     p = torch.tensor([0.75, 0.25])
     assert effective_rank(m) == pytest.approx(float(torch.exp(-(p * p.log()).sum())))
-    assert effective_rank(torch.randn(5, 40)) == pytest.approx(effective_rank(torch.randn(5, 40).T), abs=5)
+    wide = torch.randn(5, 40, generator=torch.Generator().manual_seed(2))  # either Gram matrix: the same rank
+    assert effective_rank(wide) == pytest.approx(effective_rank(wide.T), rel=1e-6)
+    assert 3 < effective_rank(wide) < 5
 
 
 def test_dispersive_logs_uniformity():
