@@ -9,16 +9,21 @@ Layout of a dataset directory (written by preprocessing/ or `write_dataset`):
         std.npy              float16, n x C x H x W   VAE posterior std  (zeros for pixel data)
         label.npy            int64,   n               class index in [0, num_classes)
         image.npy            uint8,   n x H x W x C   optional (encode.py --store-images): the ADM-cropped
-                                                      image the item was encoded from (mirrored for a
-                                                      flipped item); manifest: images true, image_shape
+                                                      image the item was encoded from; manifest: images
+                                                      true, image_shape. With --flip too: n/2 x H x W x C
+                                                      and manifest image_layout "pair": row k is item 2k's
+                                                      image, item 2k+1 (its mirror) reads it flipped
+                                                      left-right ([:, ::-1]); a manifest without
+                                                      image_layout: one image per item (older datasets)
       shard-00001/ ...
 
 Training latent for one step:  z = (mean + std * eps - latent_shift) * latent_scale,
 with fresh eps every step (see `sample_latents`). Decoding inverts it: raw = z / scale + shift.
 The reader checks every .npy header up front and then reads single items with positioned
-reads, so ImageNet-size sets (about 21 GB) are never loaded whole into RAM, and each process
-keeps a few shard files open however many shards there are. Images are read only by a dataset
-opened with `with_images=True` (REPA's encoder needs them); otherwise not a byte of image.npy is read.
+reads, so ImageNet-size sets (about 21 GB) are never loaded whole into RAM; each process keeps
+every shard file it has read open (each opened once), within its open-file limit (see LatentDataset).
+Images are read only by a dataset opened with `with_images=True` (REPA's encoder needs them);
+otherwise not a byte of image.npy is read.
 """
 from __future__ import annotations
 
@@ -28,8 +33,10 @@ import json
 import math
 import operator
 import os
+import resource
 import shutil
 import threading
+import warnings
 from collections import OrderedDict
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -41,6 +48,10 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FIELDS = ("mean", "std", "label")
 IMAGE_FIELD = "image"  # optional per-item uint8 image (H x W x C), next to the latents
+# Manifest `image_layout` of a flipped dataset that stores one image per mirrored pair (item 2k's,
+# row k of image.npy; item 2k+1 reads it mirrored). Absent: one image per item (and every dataset
+# written before the field existed).
+IMAGE_PAIRS = "pair"
 
 
 class DataError(ValueError):
@@ -70,9 +81,10 @@ def shard_complete(data_dir: str, index: int) -> bool:
 
 
 def write_shard(data_dir: str, index: int, mean: np.ndarray, std: np.ndarray | None, labels: np.ndarray,
-                images: np.ndarray | None = None) -> str:
+                images: np.ndarray | None = None, image_pairs: bool = False) -> str:
     """Write one shard atomically: into a temporary directory, then one rename. `images`
-    (uint8 n x H x W x C) adds image.npy, inside the same rename."""
+    (uint8 n x H x W x C) adds image.npy, inside the same rename; with `image_pairs` it holds
+    n/2 rows, one per mirrored pair (image_layout "pair")."""
     mean = np.asarray(mean, dtype=np.float16)
     std = np.zeros_like(mean) if std is None else np.asarray(std, dtype=np.float16)
     labels = np.asarray(labels, dtype=np.int64)
@@ -81,9 +93,11 @@ def write_shard(data_dir: str, index: int, mean: np.ndarray, std: np.ndarray | N
                         "fit n x C x H x W, n x C x H x W, n")
     arrays = [(name, arr) for name, arr in zip(FIELDS, (mean, std, labels))]
     if images is not None:
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != mean.shape[0]:
-            raise DataError(f"shard {index}: images {images.dtype} {images.shape} do not fit uint8 n x H x W x C "
-                            f"with n = {mean.shape[0]}")
+        rows = mean.shape[0] // 2 if image_pairs else mean.shape[0]
+        odd = image_pairs and mean.shape[0] % 2
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != rows or odd:
+            raise DataError(f"shard {index}: images {images.dtype} {images.shape} do not fit uint8 "
+                            f"{'n/2' if image_pairs else 'n'} x H x W x C with n = {mean.shape[0]}")
         arrays.append((IMAGE_FIELD, np.ascontiguousarray(images)))
     final = os.path.join(data_dir, shard_name(index))
     tmp = os.path.join(data_dir, f".{shard_name(index)}.tmp-{os.getpid()}")
@@ -184,31 +198,43 @@ def write_dataset(
     num_classes: int,
     shard_size: int = 65536,
     images: np.ndarray | None = None,
+    image_pairs: bool = False,
     **manifest_fields: Any,
 ) -> dict:
     """Write in-memory arrays in the on-disk format (tests, demos, small datasets); `images`: uint8
-    n x H x W x C, item i's image (stored as image.npy, recorded in the manifest)."""
+    n x H x W x C, item i's image (stored as image.npy, recorded in the manifest). With `image_pairs`
+    (a flipped dataset, as encode.py --flip --store-images writes it) `images` holds n/2 rows, row k
+    item 2k's image, which item 2k+1 reads mirrored; n and shard_size must be even."""
     os.makedirs(data_dir, exist_ok=True)
     n = len(mean)
     if n == 0:
         raise DataError("cannot write an empty dataset")
+    if image_pairs:
+        if images is None or n % 2 or shard_size % 2 or not manifest_fields.setdefault("flip", True):
+            raise DataError("image_pairs needs images, an even item count and shard size, and flip")
     counts = []
     for i, start in enumerate(range(0, n, shard_size)):
         sl = slice(start, start + shard_size)
-        write_shard(data_dir, i, mean[sl], None if std is None else std[sl], labels[sl],
-                    None if images is None else images[sl])
+        image = None
+        if images is not None:
+            image = images[start // 2:(start + shard_size) // 2] if image_pairs else images[sl]
+        write_shard(data_dir, i, mean[sl], None if std is None else std[sl], labels[sl], image, image_pairs)
         counts.append(len(labels[sl]))
     if images is not None:
-        manifest_fields = dict(manifest_fields, **image_manifest_fields(images.shape[1:]))
+        manifest_fields = dict(manifest_fields, **image_manifest_fields(images.shape[1:], image_pairs))
     manifest = make_manifest(count=n, latent_shape=mean.shape[1:], num_classes=num_classes,
                              shard_counts=counts, **manifest_fields)
     write_manifest(data_dir, manifest)
     return manifest
 
 
-def image_manifest_fields(image_shape: Sequence[int]) -> dict:
-    """The manifest fields of a dataset that stores images (H x W x C uint8 per item)."""
-    return dict(images=True, image_shape=[int(s) for s in image_shape])
+def image_manifest_fields(image_shape: Sequence[int], pairs: bool = False) -> dict:
+    """The manifest fields of a dataset that stores images (H x W x C uint8 per item; with `pairs`
+    one per mirrored pair of a flipped dataset: image_layout "pair")."""
+    fields: dict[str, Any] = dict(images=True, image_shape=[int(s) for s in image_shape])
+    if pairs:  # only then: manifests of one image per item stay as they were
+        fields["image_layout"] = IMAGE_PAIRS
+    return fields
 
 
 def read_manifest(data_dir: str) -> dict:
@@ -331,30 +357,66 @@ def _open_field(path: str, count: int, want: tuple[int, ...] | None) -> _Field:
     return _Field(path, count, offset, dtype, tuple(shape[1:]), itemsize)
 
 
+def open_shard_budget(num_shards: int, files_per_shard: int) -> tuple[int, str | None]:
+    """How many shards' files one process may keep open: all of them when that takes at most half of
+    the open-file soft limit (RLIMIT_NOFILE; the other half stays for DataLoader sockets, checkpoint
+    files, ...), raising the soft limit towards 2x what they need where the hard limit allows (only
+    upward). Otherwise the shards that fit in half the limit, with a message saying so (else None)."""
+    need = num_shards * files_per_shard
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    if soft != unlimited and need > soft // 2:
+        target = 2 * need if hard == unlimited else min(hard, 2 * need)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError):  # e.g. above fs.nr_open with an unlimited hard limit
+                pass
+    if soft == unlimited or need <= soft // 2:
+        return max(1, num_shards), None
+    shards = max(1, soft // 2 // files_per_shard)
+    return shards, (f"{num_shards} shards x {files_per_shard} files need {need} open files, more than half the "
+                    f"open-file limit (ulimit -n: {soft}, hard limit {'unlimited' if hard == unlimited else hard}): "
+                    f"keeping at most {shards} shards open (least recently used closed first); raise the hard "
+                    f"limit to {2 * need} to open each file once")
+
+
 class LatentDataset(Dataset):
     """Random access into the shards; items are (mean, std, label) tensors, and with
     `with_images=True` (mean, std, label, image), the image a uint8 H x W x C tensor (the stored
     layout, as ADM's sample files; encoders.dinov2_inputs takes it). Without the option no image
-    file is opened or read.
+    file is opened or read. A dataset with image_layout "pair" stores one image per mirrored pair:
+    item 2k+1 gets item 2k's image mirrored, identical to the mirror stored per item before.
 
     Items are read with os.preadv at offsets taken from the .npy headers, so nothing is loaded
-    whole and no memory map exists. Open files are per process and bounded: an LRU of at most
-    `max_open_shards` shards (one descriptor per field), reopened after fork and never pickled,
-    so spawn DataLoader workers receive only paths and metadata. The fields read are the class
+    whole and no memory map exists. Open files are per process, reopened after fork and never
+    pickled, so spawn DataLoader workers receive only paths and metadata. They stay open once
+    read (one descriptor per field and shard; `file_opens` counts the opens) up to
+    `max_open_shards` shards, beyond which the least recently used shard is closed. The default
+    None keeps every shard open when that fits in half the process's open-file limit, raising the
+    soft limit where the hard limit allows, and otherwise as many as fit (with a warning); each
+    process (DataLoader worker) applies it to its own limit. The fields read are the class
     attribute `fields`; a subclass may add a per-item file stored alongside (e.g. "snippet").
     """
 
     fields: tuple[str, ...] = FIELDS
 
-    def __init__(self, data_dir: str, max_open_shards: int = 8, with_images: bool = False):
+    def __init__(self, data_dir: str, max_open_shards: int | None = None, with_images: bool = False):
         self.data_dir = data_dir
-        self.max_open_shards = max(1, int(max_open_shards))
+        self.max_open_shards = None if max_open_shards is None else max(1, int(max_open_shards))
         self.manifest = read_manifest(data_dir)
         self.with_images = bool(with_images)
+        self._image_pairs = False
         if self.with_images:
             if not self.manifest.get("images"):
                 raise DataError(f"dataset {data_dir!r} has no images: re-run preprocessing/encode.py with "
                                 "--store-images (into a fresh --out)")
+            layout = self.manifest.get("image_layout")
+            if layout not in (None, IMAGE_PAIRS):
+                raise DataError(f"{data_dir}/manifest.json has image_layout {layout!r}, this code reads "
+                                f"{IMAGE_PAIRS!r} or none (one image per item): re-run preprocessing")
+            self._image_pairs = layout == IMAGE_PAIRS
             self.fields = self.fields + (IMAGE_FIELD,)
         shape = tuple(self.manifest["latent_shape"])
         self.latent_shape = shape
@@ -367,10 +429,21 @@ class LatentDataset(Dataset):
         want = {"mean": shape, "std": shape, "label": ()}
         if self.with_images:
             want[IMAGE_FIELD] = tuple(self.manifest["image_shape"])
+        if self._image_pairs:  # items 2k and 2k+1 of a shard are a pair: every shard holds whole pairs
+            odd = next((s for s in self.manifest["shards"] if s["count"] % 2), None)
+            if odd is not None:
+                raise DataError(f"{data_dir}/manifest.json: {odd['name']} holds {odd['count']} items, an odd number, "
+                                f"but image_layout {IMAGE_PAIRS!r} stores one image per mirrored pair: re-run "
+                                "preprocessing")
+
+        def rows(field: str, n: int) -> int:  # of the field's file for a shard of n items
+            return n // 2 if self._image_pairs and field == IMAGE_FIELD else n
+
         self._shards: list[tuple[_Field, ...]] = [
-            tuple(_open_field(os.path.join(data_dir, shard["name"], f"{field}.npy"), n, want.get(field))
+            tuple(_open_field(os.path.join(data_dir, shard["name"], f"{field}.npy"), rows(field, n), want.get(field))
                   for field in self.fields)
             for shard, n in zip(self.manifest["shards"], counts)]
+        self._image = self.fields.index(IMAGE_FIELD) if self.with_images else -1
         self._label = self.fields.index("label")
         for fields in self._shards:
             if fields[self._label].dtype.kind not in "iu":
@@ -380,7 +453,7 @@ class LatentDataset(Dataset):
                 raise DataError(f"shard file {fields[-1].path} holds {fields[-1].dtype} images, not uint8: "
                                 "re-run preprocessing to rewrite it")
         self.label_range = self._check_label_range()
-        self._reset_open_files()
+        self._reset_open_files(warn=True)
 
     def _check_label_range(self) -> tuple[int, int] | None:
         """(min, max) label. Every label file is read (8 bytes an item: 10 MB for ImageNet) and checked
@@ -416,10 +489,18 @@ class LatentDataset(Dataset):
 
     # -- open files: per process, bounded, never pickled
 
-    def _reset_open_files(self) -> None:
+    _PROCESS_STATE = ("_open", "_lock", "_pid", "_max_open", "file_opens")
+
+    def _reset_open_files(self, warn: bool = False) -> None:
         self._open: OrderedDict[int, tuple[int, ...]] = OrderedDict()
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self.file_opens = 0  # descriptors this process opened for item reads (not the header checks)
+        self._max_open = self.max_open_shards
+        if self._max_open is None:  # this process's own limit (a DataLoader worker has its own)
+            self._max_open, why = open_shard_budget(len(self._shards), len(self.fields))
+            if why and warn:
+                warnings.warn(f"LatentDataset {self.data_dir!r}: {why}", stacklevel=3)
 
     def close(self) -> None:
         """Close this process's open shard files (they reopen on the next read)."""
@@ -436,7 +517,7 @@ class LatentDataset(Dataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for key in ("_open", "_lock", "_pid"):
+        for key in self._PROCESS_STATE:
             state.pop(key)
         return state
 
@@ -450,7 +531,7 @@ class LatentDataset(Dataset):
         if fds is not None:
             self._open.move_to_end(shard)
             return fds
-        while len(self._open) >= self.max_open_shards:
+        while len(self._open) >= self._max_open:
             for fd in self._open.popitem(last=False)[1]:
                 os.close(fd)
         opened: list[int] = []
@@ -461,6 +542,7 @@ class LatentDataset(Dataset):
             for fd in opened:
                 os.close(fd)
             raise DataError(f"cannot open {e.filename} ({e.strerror}): was the dataset moved or deleted?") from None
+        self.file_opens += len(opened)
         self._open[shard] = tuple(opened)
         return self._open[shard]
 
@@ -476,12 +558,16 @@ class LatentDataset(Dataset):
         j = index - self._starts[shard]
         out = {}
         with self._lock:
-            for name, field, fd in zip(self.fields, self._shards[shard], self._shard_fds(shard)):
+            for k, (name, field, fd) in enumerate(zip(self.fields, self._shards[shard], self._shard_fds(shard))):
+                row = j // 2 if k == self._image and self._image_pairs else j
                 arr = np.empty(field.shape, field.dtype)
-                if os.preadv(fd, [arr], field.offset + j * field.itemsize) != field.itemsize:
-                    raise DataError(f"shard file {field.path} ends before item {j}: it was truncated after "
+                if os.preadv(fd, [arr], field.offset + row * field.itemsize) != field.itemsize:
+                    where = f"item {j}" if row == j else f"row {row} (item {j})"
+                    raise DataError(f"shard file {field.path} ends before {where}: it was truncated after "
                                     "the dataset was opened; re-run preprocessing")
                 out[name] = arr
+        if self._image_pairs and j % 2:  # item 2k+1 is item 2k mirrored (H x W x C: flip W)
+            out[IMAGE_FIELD] = np.ascontiguousarray(out[IMAGE_FIELD][:, ::-1])
         return out
 
     def __len__(self) -> int:

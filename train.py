@@ -603,9 +603,9 @@ def log_metrics(run: Run, window: list[dict], reg: Regulariser, step: int, t_win
     if is_dist():
         dist.all_reduce(avg)
         avg /= run.info.world_size
-    elapsed = time.time() - t_window
     metrics = {k: avg[j].item() for j, k in enumerate(keys)}
     metrics.update(reg.diagnostics())  # e.g. the effective rank of the Repulsor's projections
+    elapsed = time.time() - t_window  # the diagnostics' time included: steps/s is what the run gets
     metrics.update(step=step, steps_per_s=len(window) / elapsed,
                    samples_per_s=len(window) * args.global_batch_size / elapsed, **extra)
     if run.info.is_main:

@@ -1,20 +1,24 @@
-"""Does Repulsor speed up convergence? Same SiT, data, seeds and budget for --reg none, dispersive
-and repulsor; FID at several step counts (fixed sample count, reference and sampler).
+"""Does Repulsor speed up convergence? Same SiT, data, seeds and budget for every config; FID at
+several step counts (fixed sample count, reference and sampler), paired with --reg none by seed.
 
-    python benchmarks/convergence.py                                  # main comparison, 1000 steps, 2 seeds
-    python benchmarks/convergence.py --steps 3000 --eval-every 1000   # continue the same runs to 3000 steps
-    python benchmarks/convergence.py --ablation --seeds 0             # Repulsor ablation, 1 seed
+    python benchmarks/convergence.py                                  # none, dispersive, repulsor; 1000 steps
+    python benchmarks/convergence.py --study rivals --steps 2000 --eval-every 1000   # + sra, deltafm, --reg-until
+    python benchmarks/convergence.py --study ablation --seeds 0       # one setting of the default changed per row
     python benchmarks/convergence.py --study scale                    # none vs repulsor at widths 32, 64, 128
     python benchmarks/convergence.py --study pairs                    # the noise-pair positive (--noise-pairs)
     python benchmarks/convergence.py --study heads --steps 1600 --eval-every 800 \
         --configs none repulsor-mlp repulsor-centred repulsor             # the collapse fix (--proj-head)
 
-The README lists the exact commands behind its tables.
+The same runs on a GPU (many at once; docs/benchmarks.md lists the commands behind each table):
+--gpu-runs prints a study's runs for benchmarks/gpu_convergence.py --runs (benchmarks/gpu_session.sh demo),
+and --from-gpu JSON takes them back from its gpu_convergence.json (FIDs computed on the CPU with its
+--fid-from) into OUT/results.json, exactly as this script would have written them here.
 
 Data: Fashion-MNIST pixels (the demo's preprocessing). Every run is a real `train.py` run in
 OUT/<config>-s<seed>; re-running skips finished training and cached FIDs, so the benchmark can be
-stopped and resumed. Writes OUT/results.json, OUT/table.md (FID, and FID minus --reg none's at the
-same seed) and OUT/convergence.png (or OUT/ablation.png).
+stopped and resumed. Writes OUT/results.json (FIDs, and each run's health over its second half),
+OUT/table.md (FID, FID minus the baseline's at the same seed, health) and a plot; --report-only
+rebuilds the last two from results.json alone.
 """
 from __future__ import annotations
 
@@ -37,25 +41,20 @@ MAIN = {
     "none": ["--reg", "none"],
     "dispersive": ["--reg", "dispersive"],
     "repulsor": ["--reg", "repulsor"],  # the defaults: lambda 0.1, tau 0.5, d 128, block 2 = depth // 3
-    "repulsor-tau0.2": ["--reg", "repulsor", "--temperature", "0.2"],  # the defaults before the ablation
 }
-# The ablation changes one setting of the pre-ablation defaults (lambda 0.1, tau 0.2, d 128, block 2,
-# K 1024 = 32 global batches here; "repulsor-tau0.2"); its "tau 0.5" row is today's "repulsor".
-# The lambda 0.5 rows are the issue's starting point, which moved lambda to 0.1 first.
-R = ["--reg", "repulsor", "--temperature", "0.2"]
+# The ablation changes one setting of today's default Repulsor ("repulsor": lambda 0.1, tau 0.5, d 128,
+# block 2 = depth // 3, K 1024 = 32 global batches here, the standardised head).
 ABLATION = {
-    "repulsor-w0.05": [*R, "--reg-weight", "0.05"],
-    "repulsor-w0.5": [*R, "--reg-weight", "0.5"],
-    "repulsor-K0": [*R, "--bank-size", "0"],
-    "repulsor-K256": [*R, "--bank-size", "256"],
-    "repulsor-K4096": [*R, "--bank-size", "4096"],
-    "repulsor-tau0.1": [*R, "--temperature", "0.1"],
-    "repulsor-d32": [*R, "--proj-dim", "32"],
-    "repulsor-d512": [*R, "--proj-dim", "512"],
-    "repulsor-block1": [*R, "--reg-depth", "1"],
-    "repulsor-block4": [*R, "--reg-depth", "4"],
-    "repulsor-w0.5-K0": [*R, "--reg-weight", "0.5", "--bank-size", "0"],
-    "repulsor-w0.5-tau0.5": [*R, "--reg-weight", "0.5", "--temperature", "0.5"],
+    "repulsor-w0.05": ["--reg", "repulsor", "--reg-weight", "0.05"],
+    "repulsor-w0.5": ["--reg", "repulsor", "--reg-weight", "0.5"],
+    "repulsor-K0": ["--reg", "repulsor", "--bank-size", "0"],
+    "repulsor-K256": ["--reg", "repulsor", "--bank-size", "256"],
+    "repulsor-K4096": ["--reg", "repulsor", "--bank-size", "4096"],
+    "repulsor-tau0.2": ["--reg", "repulsor", "--temperature", "0.2"],
+    "repulsor-tau1.0": ["--reg", "repulsor", "--temperature", "1.0"],
+    "repulsor-d32": ["--reg", "repulsor", "--proj-dim", "32"],
+    "repulsor-block1": ["--reg", "repulsor", "--reg-depth", "1"],
+    "repulsor-block4": ["--reg", "repulsor", "--reg-depth", "4"],
 }
 
 # Scale study: --reg none vs repulsor (today's defaults) at several widths, depth 6, 4 heads, patch 4.
@@ -86,16 +85,29 @@ HEADS = {
     "repulsor-running": ["--reg", "repulsor", "--proj-head", "running"],
     "repulsor-mlp-bw32": ["--reg", "repulsor", "--proj-head", "mlp", "--repulsor-batch-weight", "32"],
 }
-STUDIES = ("main", "ablation", "scale", "pairs", "heads")
+# The encoder-free rivals on the same protocol, each with its published defaults scaled to the demo's SiT
+# (SRA: student block 2 -> EMA teacher block 4 of 6 at t - 0.2, weight 0.5; ΔFM: lambda 0.05), and
+# Repulsor switched off after step 500 (--reg-until, as HASTE stops REPA).
+RIVALS = {
+    "none": ["--reg", "none"],
+    "repulsor": ["--reg", "repulsor"],
+    "dispersive": ["--reg", "dispersive"],
+    "sra": ["--reg", "sra"],
+    "deltafm": ["--reg", "deltafm"],
+    "repulsor-until500": ["--reg", "repulsor", "--reg-until", "500"],
+}
+STUDIES = ("main", "ablation", "scale", "pairs", "heads", "rivals")
 
 
 def study_configs(a: argparse.Namespace) -> dict[str, list[str]]:
-    if a.study == "ablation":
-        return ABLATION
     if a.study == "pairs":
         return PAIRS
     if a.study == "heads":
         return {"none": MAIN["none"], **HEADS}
+    if a.study == "rivals":
+        return RIVALS
+    if a.study == "ablation":
+        return {"none": MAIN["none"], "repulsor": MAIN["repulsor"], **ABLATION}
     if a.study == "scale":
         configs = dict(scale_config(w, reg) for w in a.widths for reg in SCALE_REGS)
         if a.dispersive_width in a.widths:  # the in-batch baseline at one width (default: the largest)
@@ -107,7 +119,7 @@ def study_configs(a: argparse.Namespace) -> dict[str, list[str]]:
 def known_configs(a: argparse.Namespace) -> dict[str, list[str]]:
     widths = sorted({*SCALE_WIDTHS, *a.widths})
     scale = dict(scale_config(w, reg) for w in widths for reg in (*SCALE_REGS, "dispersive"))
-    return {**MAIN, **ABLATION, **PAIRS, **HEADS, **scale}
+    return {**MAIN, **ABLATION, **PAIRS, **HEADS, **RIVALS, **scale}
 
 
 def get_args() -> argparse.Namespace:
@@ -128,6 +140,10 @@ def get_args() -> argparse.Namespace:
     p.add_argument("--dispersive-width", type=int, default=None,
                    help="--study scale: also run dispersive at this width (default: the largest of --widths)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from results.json")
+    p.add_argument("--gpu-runs", action="store_true",
+                   help="print the runs as benchmarks/gpu_convergence.py --runs specs and exit")
+    p.add_argument("--from-gpu", default=None, metavar="JSON",
+                   help="take the runs from a gpu_convergence.json (with FIDs from its --fid-from), then report")
     p.add_argument("--fid-samples", type=int, default=250)
     p.add_argument("--fid-ref", type=int, default=1000)
     p.add_argument("--sample-steps", type=int, default=25)
@@ -150,10 +166,16 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"error: unknown configs {sorted(unknown)}; known: {', '.join(known)}")
         configs = {k: v for k, v in known.items() if k in a.configs}
+    if a.gpu_runs:
+        return gpu_runs(a, configs)
     os.makedirs(a.out, exist_ok=True)
     results_path = os.path.join(a.out, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
-    if not a.report_only:
+    if a.from_gpu:
+        import_gpu(a, configs, results, a.from_gpu)
+        with open(results_path, "w") as f:
+            json.dump(results, f, indent=2)
+    elif not a.report_only:
         run_all(a, configs, results, results_path)
     report(a, configs, results)
 
@@ -169,6 +191,8 @@ def run_all(a: argparse.Namespace, configs: dict, results: dict, results_path: s
 
     import evaluations
 
+    from plots import read_jsonl
+
     extractor = evaluations.load_inception(device="cpu")
     ref_npz = os.path.join(a.data_root, f"fmnist-test-ref{a.fid_ref}.npz")
     if not os.path.isfile(ref_npz):
@@ -179,10 +203,7 @@ def run_all(a: argparse.Namespace, configs: dict, results: dict, results_path: s
         for seed in a.seeds:
             exp = f"{name}-s{seed}"
             run([sys.executable, "train.py", "--data-dir", train_dir, "--results-dir", a.out, "--exp-name", exp,
-                 *MODEL, *flags, "--seed", str(seed), "--global-batch-size", str(a.batch), "--lr", str(a.lr),
-                 "--max-steps", str(a.steps), "--ckpt-every", str(a.eval_every), "--log-every", "50",
-                 "--ema-warmup", "--num-workers", "0", "--device", "cpu", "--mixed-precision", "no",
-                 *([] if "--bank-size" in flags else ["--bank-size", str(a.bank_size)]), "--proj-hidden", "512"])
+                 *MODEL, *protocol_flags(a, flags, seed), "--num-workers", "0", "--device", "cpu"])
             ckpt_dir = os.path.join(a.out, exp, "checkpoints")
             for step in range(a.eval_every, a.steps + 1, a.eval_every):
                 key = f"{exp}/{step}"
@@ -196,28 +217,65 @@ def run_all(a: argparse.Namespace, configs: dict, results: dict, results_path: s
                     json.dump(results, f, indent=2)
                 os.remove(npz)  # keep only the number (and the grid)
                 print(f"{key}: FID-{a.fid_samples} {fid:.2f}", flush=True)
-            health = run_health(os.path.join(a.out, exp), a.steps)
+            health = run_health(read_jsonl(os.path.join(a.out, exp, "metrics.jsonl")),
+                                json.load(open(os.path.join(a.out, exp, "config.json")))["args"], a.steps)
             if health:
                 results[f"{exp}/health"] = {"config": name, "seed": seed, "step": a.steps, **health}
                 with open(results_path, "w") as f:
                     json.dump(results, f, indent=2)
 
 
-def run_health(run_dir: str, steps: int) -> dict:
-    """The regulariser's health over the second half of a run, from its metrics.jsonl: the largest
-    mean in-batch cosine (1 = collapsed), the smallest effective rank of the projections, and the
-    closest the Repulsor term came to its collapse value 1 / tau."""
-    from plots import read_jsonl
+def protocol_flags(a: argparse.Namespace, flags: list[str], seed: int) -> list[str]:
+    """train.py flags of one (config, seed) run of the protocol, after the data, run directory and MODEL
+    flags: the same on the CPU (run_all) and on the GPU (--gpu-runs)."""
+    return [*flags, "--seed", str(seed), "--global-batch-size", str(a.batch), "--lr", str(a.lr),
+            "--max-steps", str(a.steps), "--ckpt-every", str(a.eval_every), "--log-every", "50", "--ema-warmup",
+            "--mixed-precision", "no", *([] if "--bank-size" in flags else ["--bank-size", str(a.bank_size)]),
+            "--proj-hidden", "512"]
 
-    rows = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if steps / 2 <= r["step"] <= steps]
-    args = json.load(open(os.path.join(run_dir, "config.json")))["args"]
+
+def gpu_runs(a: argparse.Namespace, configs: dict) -> None:
+    """Print the study's runs as benchmarks/gpu_convergence.py --runs specs (NAME=FLAGS, one per line)."""
+    import shlex
+
+    for name, flags in configs.items():
+        for seed in a.seeds:
+            print(f"{name}-s{seed}={shlex.join(protocol_flags(a, flags, seed))}")
+
+
+def import_gpu(a: argparse.Namespace, configs: dict, results: dict, path: str) -> None:
+    """Take the study's runs from a gpu_convergence.json (runs named CONFIG-sSEED, FIDs per sampled step
+    from its --fid-from) into results, as run_all would have written them."""
+    data = json.load(open(path))
+    machine = data.get("machine", {})
+    results["meta"] = {"source": f"{os.path.basename(path)}: trained on {machine.get('name', '?')} "
+                                 f"(torch {machine.get('torch', '?')}, {machine.get('date', '?')[:10]}), "
+                                 "FID on the CPU"}
+    for exp, r in data.get("runs", {}).items():
+        name, _, seed = exp.rpartition("-s")
+        if name not in configs or not seed.isdigit():
+            continue
+        for step, fid in sorted((r.get("fids") or {}).items(), key=lambda kv: int(kv[0])):
+            if int(step) <= a.steps:
+                results[f"{exp}/{step}"] = {"config": name, "seed": int(seed), "step": int(step), "fid": fid}
+        steps = min(r.get("steps") or 0, a.steps)
+        health = run_health(r.get("metrics") or [], r.get("config") or {}, steps)
+        if health:
+            results[f"{exp}/health"] = {"config": name, "seed": int(seed), "step": steps, **health}
+
+
+def run_health(rows: list[dict], args: dict, steps: int) -> dict:
+    """The regulariser's health over the second half of a run, from its metrics.jsonl rows and config
+    args: the largest mean in-batch cosine (1 = collapsed), the smallest effective rank of the
+    projections, and the closest the Repulsor term came to its collapse value 1 / tau."""
+    rows = [r for r in rows if steps / 2 <= r["step"] <= steps]
     out = {}
     for key, pick in (("batch_cos_mean", max), ("bank_cos_mean", max), ("proj_eff_rank", min),
                       ("batch_eff_rank", min)):
         vals = [r[key] for r in rows if key in r]
         if vals:
             out[f"{key}_{pick.__name__}"] = pick(vals)
-    if args.get("reg") == "repulsor" and any("reg" in r for r in rows):
+    if args.get("reg") == "repulsor" and any("reg" in r for r in rows) and not args.get("reg_until"):
         out["reg_gap_to_collapse_min"] = min(abs(r["reg"] - 1 / args["temperature"]) for r in rows if "reg" in r)
     vel = [r["velocity"] for r in rows]
     if vel:
@@ -315,13 +373,13 @@ def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
     scale study, scale_tables); one plot."""
     from plots import plot_fid_bars, plot_fid_curves, plot_paired_vs_params
 
-    # ablation rows beside the references: the baseline, the ablation's base and today's default
-    names = {"ablation": ["none", "repulsor-tau0.2", "repulsor"], "pairs": ["none", "repulsor"],
-             "heads": ["none"]}.get(a.study, [])
+    # ablation rows beside the references: the baseline and the ablation's base, today's default
+    names = {"ablation": ["none", "repulsor"], "pairs": ["none", "repulsor"], "heads": ["none"]}.get(a.study, [])
     names += [n for n in configs if n not in names]
     baseline = "pairs-none" if a.study == "pairs" else "none"
+    source = results.get("meta", {}).get("source")
     health = {k: r for k, r in results.items() if k.endswith("/health")}
-    results = {k: r for k, r in results.items() if not k.endswith("/health")}
+    results = {k: r for k, r in results.items() if not k.endswith("/health") and k != "meta"}
     if a.study == "heads":  # heads not run on the CPU (the GPU head study has them all) get no empty row
         names = [n for n in names if any(r["config"] == n for r in results.values())]
     steps = sorted({r["step"] for r in results.values() if r["config"] in names and r["step"] <= a.steps})
@@ -333,8 +391,10 @@ def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
         table = "\n".join(lines) + "\n\nFID minus none's FID at the same width and seed:\n\n" + "\n".join(rows)
     else:
         table = "\n".join(lines) + f"\n\nFID minus {baseline}'s FID at the same seed:\n\n" + "\n".join(paired)
-    if a.study == "heads":
+    if any(r["config"] in names for r in health.values()):
         table += "\n\n" + health_table(health, names)
+    if source:
+        table += f"\n\nRuns: {source}."
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(table + "\n")
     seeds = sorted({seed for c, seed, _ in fid if c in names})
@@ -348,6 +408,9 @@ def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
     elif a.study == "heads":
         png = plot_fid_curves(curves, os.path.join(a.out, "heads.png"),
                               title=f"Repulsor heads: FID-{a.fid_samples} (mean over seeds {seeds})")
+    elif a.study == "rivals":
+        png = plot_fid_curves(curves, os.path.join(a.out, "rivals.png"),
+                              title=f"Encoder-free rivals: FID-{a.fid_samples} (mean over seeds {seeds})")
     elif a.study == "pairs":
         png = plot_fid_curves(curves, os.path.join(a.out, "pairs.png"),
                               title=f"Noise pairs: FID-{a.fid_samples} (mean over seeds {seeds})")

@@ -88,6 +88,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=1000, help="images sampled per run")
     p.add_argument("--sample-steps", type=int, default=25, help="Heun ODE steps")
     p.add_argument("--sample-batch", type=int, default=500)
+    p.add_argument("--sample-at", type=int, nargs="+", default=None, metavar="STEP",
+                   help="sample every run at each of these steps it has a checkpoint of (default: once, at the "
+                        "newest step every run has a checkpoint of)")
     p.add_argument("--ref-images", type=int, default=1000, help="held-out test images stored as the FID reference")
     p.add_argument("--sequential", action="store_true", help="train the runs one after another, not concurrently")
     p.add_argument("--reserve-s", type=float, default=None,
@@ -143,10 +146,14 @@ def write_synthetic_idx(path: str, train: int = 256, test: int = 64, seed: int =
     return path
 
 
-def launch(report: Report, cmd: list[str], log_path: str) -> subprocess.Popen:
+def launch(report: Report, cmd: list[str], log_path: str, concurrent: int = 1) -> subprocess.Popen:
+    """Start cmd; with `concurrent` processes at once each gets its share of the host's cores as CPU threads
+    (the default, all cores each, makes their host-side work, e.g. a LAPACK call at a log step, spin
+    against each other)."""
     f = open(log_path, "w")
+    threads = str(max(1, (os.cpu_count() or 1) // concurrent))
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                         env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads})
     f.close()  # the child keeps its own descriptor
     report.children.append(p)
     return p
@@ -244,6 +251,12 @@ def train_command(g, name: str, flags: list[str]) -> list[str]:
             "--seed", str(g.seed), "--device", g.device, *flags]
 
 
+def run_steps(g, flags: list[str]) -> int:
+    """A run's step budget: its own --max-steps if its flags set one (the last wins, as in argparse), else --steps."""
+    given = [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == "--max-steps"]
+    return int(given[-1]) if given else g.steps
+
+
 def collect_run(g, report: Report, name: str, p: subprocess.Popen, wall: float, stopped: bool) -> None:
     """Record one finished (or stopped) run: metrics rows, final values, newest checkpoint, status."""
     from checkpoint import latest_checkpoint
@@ -262,7 +275,8 @@ def collect_run(g, report: Report, name: str, p: subprocess.Popen, wall: float, 
         run["config"] = json.load(open(config)).get("args")
     if stopped:
         run["status"] = f"stopped: budget at step {steps}"
-    elif p.returncode == 0 and steps >= g.steps:
+        run["log_tail"] = tail(run["log"], 8)  # the work directory goes: keep what the run was doing
+    elif p.returncode == 0 and steps >= run_steps(g, g.runs[name]):
         run["status"] = "ok"
     else:
         run["status"] = "error"
@@ -291,7 +305,7 @@ def stage_train(g, report: Report, res: dict) -> None:
         procs, t0 = {}, time.time()
         for name in runs:
             log("$ " + runs[name]["command"])
-            procs[name] = launch(report, train_command(g, name, g.runs[name]), runs[name]["log"])
+            procs[name] = launch(report, train_command(g, name, g.runs[name]), runs[name]["log"], len(runs))
             runs[name]["status"] = "running"
         report.write()
         stopped, ended = wait_all(report, procs, deadline, progress)
@@ -314,44 +328,59 @@ def stage_train(g, report: Report, res: dict) -> None:
         report.write()
 
 
-def stage_sample(g, report: Report, res: dict) -> None:
-    """sample_ddp.py for every run at one common step (EMA, Heun ODE), concurrently; then one compressed npz."""
-    runs = report.data["runs"]
-    procs, outs = {}, {}
-    # Every run at the same step: the newest step all runs have a checkpoint of (runs stopped by the budget
-    # may have got to different steps; checkpoints come every --ckpt-every steps in every run).
-    newest = {name: int(os.path.basename(run["checkpoint"])[:-3]) for name, run in runs.items()
-              if run.get("checkpoint")}
+def sample_points(g, runs: dict) -> dict[str, list[int]]:
+    """{run: the steps to sample it at}. --sample-at: each listed step the run has a checkpoint of. Otherwise
+    one step for all: the newest that every run has a checkpoint of (runs stopped by the budget may have got
+    to different steps; checkpoints come every --ckpt-every steps in every run)."""
+    ckpts = {name: os.path.dirname(run["checkpoint"]) for name, run in runs.items() if run.get("checkpoint")}
+    if g.sample_at:
+        return {name: [s for s in g.sample_at if os.path.isfile(os.path.join(d, f"{s:07d}.pt"))]
+                for name, d in ckpts.items()}
+    newest = {name: int(os.path.basename(runs[name]["checkpoint"])[:-3]) for name in ckpts}
     common = min(newest.values(), default=0)
-    res["step"] = common
-    for name, run in runs.items():
-        if name not in newest:
-            continue
-        ckpt = os.path.join(os.path.dirname(run["checkpoint"]), f"{common:07d}.pt")
-        ckpt = ckpt if os.path.isfile(ckpt) else run["checkpoint"]
-        outs[name] = os.path.join(g.work, f"samples-{name}.npz")
-        cmd = [sys.executable, "sample_ddp.py", "--ckpt", ckpt, "--num-samples", str(g.samples),
-               "--mode", "ode", "--heun", "--num-steps", str(g.sample_steps), "--per-proc-batch-size",
-               str(g.sample_batch), "--seed", str(g.seed), "--out", outs[name], "--device", g.device]
-        run["sample"] = {"command": shlex.join(cmd[1:]), "log": os.path.join(g.work, f"sample-{name}.log")}
-        log("$ " + run["sample"]["command"])
-        procs[name] = launch(report, cmd, run["sample"]["log"])
+    return {name: [common if os.path.isfile(os.path.join(d, f"{common:07d}.pt")) else newest[name]]
+            for name, d in ckpts.items()}
+
+
+def stage_sample(g, report: Report, res: dict) -> None:
+    """sample_ddp.py for every run at its sample_points (EMA, Heun ODE), concurrently; then one compressed npz
+    with an array per run ("NAME") or, with --sample-at, per run and step ("NAME@STEP")."""
+    runs = report.data["runs"]
+    procs, outs, jobs = {}, {}, {}
+    points = sample_points(g, runs)
+    res["steps"] = sorted({s for steps in points.values() for s in steps})
+    for name, steps in points.items():
+        for step in steps:
+            key = f"{name}@{step}" if g.sample_at else name
+            ckpt = os.path.join(os.path.dirname(runs[name]["checkpoint"]), f"{step:07d}.pt")
+            outs[key] = os.path.join(g.work, f"samples-{key}.npz")
+            cmd = [sys.executable, "sample_ddp.py", "--ckpt", ckpt, "--num-samples", str(g.samples),
+                   "--mode", "ode", "--heun", "--num-steps", str(g.sample_steps), "--per-proc-batch-size",
+                   str(g.sample_batch), "--seed", str(g.seed), "--out", outs[key], "--device", g.device]
+            job = {"command": shlex.join(cmd[1:]), "log": os.path.join(g.work, f"sample-{key}.log")}
+            if g.sample_at:  # one record per sampled step
+                runs[name].setdefault("samples", {})[str(step)] = job
+            else:
+                runs[name]["sample"] = job
+            jobs[key] = job
+            log("$ " + jobs[key]["command"])
+            procs[key] = launch(report, cmd, jobs[key]["log"], sum(map(len, points.values())))
     t0 = time.time()
     stopped, ended = wait_all(report, procs, report.deadline - 8)
     arrays = {"reference": g.reference} if getattr(g, "reference", None) is not None else {}
-    for name, p in procs.items():
-        s = runs[name]["sample"]
-        s["seconds"] = round(ended[name] - t0, 1)
-        if p.returncode != 0 or name in stopped:
-            s["status"] = "stopped: budget" if name in stopped else "error"
-            if name not in stopped:
-                s["error"] = report.error(f"sample/{name}", RuntimeError(
+    for key, p in procs.items():
+        s = jobs[key]
+        s["seconds"] = round(ended[key] - t0, 1)
+        if p.returncode != 0 or key in stopped:
+            s["status"] = "stopped: budget" if key in stopped else "error"
+            if key not in stopped:
+                s["error"] = report.error(f"sample/{key}", RuntimeError(
                     f"sample_ddp.py exited with {p.returncode}: {tail(s['log'], 8).strip()}"))
             continue
-        with np.load(outs[name]) as f:
-            arrays[name] = f["arr_0"][..., 0]  # grey images: one channel is enough
-        info = json.load(open(outs[name][:-4] + ".json"))
-        s.update(status="ok", images=len(arrays[name]), step=info["settings"].get("step"),
+        with np.load(outs[key]) as f:
+            arrays[key] = f["arr_0"][..., 0]  # grey images: one channel is enough
+        info = json.load(open(outs[key][:-4] + ".json"))
+        s.update(status="ok", images=len(arrays[key]), step=info["settings"].get("step"),
                  images_per_s=info.get("images_per_second"))
     path = os.path.join(g.out, SAMPLES_NPZ)
     np.savez_compressed(path, **arrays)
@@ -377,14 +406,19 @@ def stage_fid(g, report: Report, res: dict) -> None:
     ref_stats = {"mu": mu, "sigma": sigma}
     res.update(reference_images=len(ref), extractor=repr(extractor), reference_s=round(time.time() - t, 1))
     for name, images in arrays.items():
-        if g.fid_runs and name not in g.fid_runs:
+        if g.fid_runs and name.partition("@")[0] not in g.fid_runs:
             continue
         images = grey(images)[: g.fid_samples]
         t = time.time()
         fid = evaluations.evaluate(images, ref_stats, extractor, metrics=("fid",), progress=True)["fid"]
-        run = report.data["runs"].setdefault(name, {})
-        run.update(fid=round(float(fid), 3), fid_samples=len(images), fid_reference=len(ref))
-        res[name] = {"fid": run["fid"], "samples": len(images), "seconds": round(time.time() - t, 1)}
+        run_name, _, step = name.partition("@")
+        run = report.data["runs"].setdefault(run_name, {})
+        run.update(fid_samples=len(images), fid_reference=len(ref))
+        if step:  # --sample-at: one FID per sampled step
+            run.setdefault("fids", {})[step] = round(float(fid), 3)
+        else:
+            run["fid"] = round(float(fid), 3)
+        res[name] = {"fid": round(float(fid), 3), "samples": len(images), "seconds": round(time.time() - t, 1)}
         log(f"  {name}: FID-{len(images)} {fid:.2f} against {len(ref)} test images")
         report.write()
 
@@ -409,10 +443,17 @@ def render(data: dict) -> str:
         n_ref = next((r.get("fid_reference") for r in runs.values() if r.get("fid_reference")), None)
         fid_head = f"FID-{n_fid} (vs {n_ref} test)" if n_fid else "FID (--fid-from on CPU)"
         keys = [k for k in FINAL_KEYS if any(k in (r.get("final") or {}) for r in runs.values())]
-        rows = [[name, r.get("status"), r.get("steps"), r.get("wall_s"), r.get("steps_per_s"),
-                 (r.get("sample") or {}).get("step"), r.get("fid"), *[(r.get("final") or {}).get(k) for k in keys],
-                 r.get("flags")] for name, r in runs.items()]
-        out.append(md_table(["run", "status", "steps", "train s", "steps/s", "sampled at step", fid_head,
+        fid_steps = sorted({int(k) for r in runs.values() for k in (*(r.get("fids") or {}), *(r.get("samples") or {}))})
+        if fid_steps:  # --sample-at: one FID column per sampled step
+            fid_cols = [f"{fid_head} step {s}" for s in fid_steps]
+            fids = lambda r: [(r.get("fids") or {}).get(str(s)) for s in fid_steps]  # noqa: E731
+            sampled = lambda r: ", ".join(sorted(r.get("samples") or {}, key=int))  # noqa: E731
+        else:
+            fid_cols, fids = [fid_head], lambda r: [r.get("fid")]  # noqa: E731
+            sampled = lambda r: (r.get("sample") or {}).get("step")  # noqa: E731
+        rows = [[name, r.get("status"), r.get("steps"), r.get("wall_s"), r.get("steps_per_s"), sampled(r), *fids(r),
+                 *[(r.get("final") or {}).get(k) for k in keys], r.get("flags")] for name, r in runs.items()]
+        out.append(md_table(["run", "status", "steps", "train s", "steps/s", "sampled at step", *fid_cols,
                              *[f"final {k}" for k in keys], "flags"], rows))
     out.append("\n## Stages\n\n")
     out.append(md_table(["stage", "status", "s", "error"], [[k, v.get("status"), v.get("seconds"), v.get("error")]

@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_session.sh check         # benchmarks/gpu_check.py            (~5 min)
 #   bash benchmarks/gpu_session.sh convergence   # gpu_convergence.py: SiT-S/2 runs, then the demo-size
 #                                                # --proj-head study, 2 seeds        (~8 min)
+#   bash benchmarks/gpu_session.sh demo          # the demo-protocol studies of benchmarks/convergence.py
+#                                                # (rivals, ablation, scale, pairs) at once   (~9 min)
 # Results go to $OUT (or benchmarks/results/gpu); FIDs are computed afterwards on the CPU (--fid-from).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +33,24 @@ case "${1:-}" in
       --model-flags "--model custom --depth 6 --hidden-size 128 --num-heads 4 --patch-size 4" \
       --batch 32 --lr 1e-3 --steps 1600 --ckpt-every 400 --log-every 50 --precision no --no-compile \
       --num-workers 0 --samples 250 --sample-batch 250 --runs "${runs[@]}" ;;
+  demo)
+    # Every run of these convergence.py studies, exactly as it would run on the CPU (--gpu-runs prints
+    # them; a run shared by two studies, e.g. none-s0, runs once, at the longest step budget), all at once.
+    declare -A seen=()
+    runs=()
+    for study in "rivals --steps 2000 --eval-every 1000" "ablation --seeds 0 --eval-every 1000" \
+                 "scale --eval-every 1000" "pairs --eval-every 1000"; do
+      while IFS= read -r spec; do
+        name="${spec%%=*}"
+        [[ -n "${seen[$name]:-}" ]] && continue
+        seen[$name]=1
+        runs+=("$spec")
+      done < <(python3 benchmarks/convergence.py --study $study --gpu-runs)
+    done
+    python3 benchmarks/gpu_convergence.py --out "$OUT/demo" --budget-s "${BUDGET_DEMO:-520}" --reserve-s 75 \
+      --model-flags "--model custom --depth 6 --hidden-size 128 --num-heads 4 --patch-size 4" \
+      --batch 32 --lr 1e-3 --steps 2000 --precision no --no-compile --num-workers 0 --samples 250 \
+      --sample-batch 250 --sample-at 1000 2000 --runs "${runs[@]}" ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh check|convergence" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/gpu_session.sh check|convergence|demo" >&2; exit 2 ;;
 esac

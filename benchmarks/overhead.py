@@ -5,6 +5,7 @@
         --batch-size 8 --steps 4 --warmup 1 --threads 1           # the README's table (CPU)
     python benchmarks/overhead.py --model SiT-B/2 --input-size 32 --in-channels 4 \
         --batch-size 256 --precision bf16 --device cuda --steps 50 --warmup 10  # a GPU setting
+    python benchmarks/overhead.py --report-only       # reprint the tables from OUT/results.json
 
 Every configuration gets the same SiT (same seed, size, batch, precision), built with its EMA and
 TrainModule as train.py builds them, and runs the very step of train.py (`train.train_step` +
@@ -26,6 +27,9 @@ GFLOP per step by part are analytic counts of the matmuls (a multiply-add = 2 FL
 parts fwd + bwd = 3 x fwd; the frozen encoder forward only).
 --breakdown also times the Repulsor's parts alone (head MLP, bank product + loss, in-batch-only
 loss, enqueue) to show where the time goes.
+
+Writes OUT/results.json (every timed step of every configuration, memory, GFLOP, the settings, the
+machine) and OUT/table.md (the tables printed; benchmarks/report.py).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import report  # noqa: E402  (benchmarks/report.py: benchmarks/ is this script's directory)
 from loss import REGULARISERS, REPA, SRA, Dispersive, Repulsor, build_regulariser, repulsor_loss  # noqa: E402
 from models.sit import SiT_models, build_sit  # noqa: E402
 from train import TrainModule, get_args, make_optimizer, train_step, update_ema  # noqa: E402
@@ -80,6 +85,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--breakdown", action="store_true", help="also time the Repulsor's parts in isolation")
     p.add_argument("--seed", type=int, default=0)
+    report.add_args(p, "overhead")
     b = p.parse_args()
     b.models = [m.strip() for m in b.model.split(",") if m.strip()]
     for m in b.models:
@@ -131,7 +137,6 @@ class Config:
         self.reg_depth = self.reg.depth
         self.reg_params = sum(p.numel() for p in self.reg.parameters())
         self.times: list[float] = []
-        self.memory: dict[str, float] = {}
 
     def step(self, batch: tuple[torch.Tensor, ...], scale: torch.Tensor, shift: torch.Tensor) -> None:
         if not self.reg.needs_images:  # the images travel only to a regulariser that reads them, as in train.py
@@ -270,7 +275,8 @@ def approx_gflop(b: argparse.Namespace, sit_cfg, reg, tokens: int) -> dict[str, 
     return out  # ΔFM: elementwise only
 
 
-def run_model(b: argparse.Namespace, model: str, device: torch.device) -> None:
+def run_model(b: argparse.Namespace, model: str, device: torch.device, results: dict) -> dict:
+    """Time every --regs configuration on one SiT: its entry of results["models"]."""
     b = argparse.Namespace(**{**vars(b), "model": model})
     regs = [r.strip() for r in b.regs.split(",") if r.strip()]
     configs = [Config(b, r, device) for r in regs]
@@ -284,15 +290,10 @@ def run_model(b: argparse.Namespace, model: str, device: torch.device) -> None:
     shift = torch.zeros(b.in_channels, 1, 1, device=device)
 
     sit = configs[0].sit
-    n_sit = sum(p.numel() for p in sit.parameters())
-    tokens = configs[0].tokens
-    print(f"SiT {b.model}: depth {sit.config.depth}, width {sit.config.hidden_size}, "
-          f"patch {sit.config.patch_size}, {b.in_channels}x{b.input_size}x{b.input_size} ({tokens} tokens), "
-          f"{n_sit / 1e6:.2f}M params; batch {b.batch_size}; {b.precision}; {device.type}, "
-          f"{torch.get_num_threads()} threads; torch {torch.__version__}", flush=True)
+    entry = {"model": b.model, "depth": sit.config.depth, "hidden_size": sit.config.hidden_size,
+             "patch_size": sit.config.patch_size, "tokens": configs[0].tokens,
+             "sit_params": sum(p.numel() for p in sit.parameters()), "configs": []}
     for c in configs:
-        if c.name == "none":
-            continue
         if isinstance(c.reg, Repulsor):
             extra = f", K {c.reg.bank.size}, d {c.reg.bank.dim}, head hidden {b.proj_hidden}"
         elif isinstance(c.reg, REPA):
@@ -304,7 +305,9 @@ def run_model(b: argparse.Namespace, model: str, device: torch.device) -> None:
             extra = f", variant {c.args.disp_variant}"
         else:
             extra = f"; {c.reg.describe()}" if c.reg.describe() else ""
-        print(f"  {c.name}: block {c.reg_depth}, {c.reg_params / 1e6:.2f}M training-only params{extra}", flush=True)
+        entry["configs"].append({"reg": c.name, "reg_depth": c.reg_depth, "reg_params": c.reg_params, "detail": extra,
+                                 "gflop": approx_gflop(b, sit.config, c.reg, entry["tokens"])})
+    print(model_header(results, entry), file=sys.stderr, flush=True)
 
     t_start = time.time()
     for rnd in range(b.warmup + b.steps):
@@ -317,49 +320,76 @@ def run_model(b: argparse.Namespace, model: str, device: torch.device) -> None:
             if rnd >= b.warmup:
                 c.times.append(time.perf_counter() - t0)
         print(f"  round {rnd + 1}/{b.warmup + b.steps} done ({time.time() - t_start:.0f} s)", file=sys.stderr, flush=True)
-    for c in configs:  # untimed, after the timing rounds
-        c.memory = measure_memory(c, batch, scale, shift, device)
-
-    base_cfg = next((c for c in configs if c.name == "none"), None)
-    base = statistics.median(base_cfg.times) if base_cfg else None
-    flops = {c.name: approx_gflop(b, sit.config, c.reg, tokens) for c in configs}
-    cpu = device.type == "cpu"
-    print()
-    print(f"| --reg | ms/step (median of {b.steps}) | min | ratio to none (medians) | paired ratio (median over rounds) | "
-          + ("persistent MB | saved activations MB | step memory MB |" if cpu else "peak MB |")
-          + " GFLOP per step: parts | GFLOP total | FLOP ratio to none |")
-    print("|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if cpu else "---:|") + "---|---:|---:|")
-    for c in configs:
-        med = statistics.median(c.times)
-        label = c.name if c.name != "repulsor" else f"repulsor (K {b.bank_size}, d {b.proj_dim})"
-        ratio = f"{med / base:.3f}" if base else "-"
-        paired = f"{statistics.median(x / y for x, y in zip(c.times, base_cfg.times)):.3f}" if base else "-"
-        mem = (f"{c.memory['persistent']:.0f} | {c.memory['activations']:.0f} | {c.memory['peak']:.0f}" if cpu
-               else f"{c.memory['peak']:.0f}")
-        parts = flops[c.name]
-        total = sum(parts.values())
-        print(f"| {label} | {1000 * med:.0f} | {1000 * min(c.times):.0f} | {ratio} | {paired} | {mem} | "
-              + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
-              + f" | {total:.1f} | {total / parts['SiT']:.3f} |")  # the same SiT in every column
-    print()
+    for c, row in zip(configs, entry["configs"]):
+        row["step_s"] = c.times
+        row["memory_mb"] = measure_memory(c, batch, scale, shift, device)  # untimed, after the timing rounds
 
     rep_cfg = next((c for c in configs if isinstance(c.reg, Repulsor)), None)
     if b.breakdown and rep_cfg is not None:
-        print("| Repulsor part (alone) | ms | share of none's median step |")
-        print("|---|---:|---:|")
-        for name, sec in breakdown(b, rep_cfg.reg, device, tokens):
-            share = f"{100 * sec / base:.1f} %" if base else "-"
-            print(f"| {name} | {1000 * sec:.1f} | {share} |")
-        print()
+        entry["breakdown_s"] = breakdown(b, rep_cfg.reg, device, entry["tokens"])
+    return entry
+
+
+def model_header(results: dict, m: dict) -> str:
+    """The lines that describe one model's configurations (printed before its timing, and in the report)."""
+    b, mach = results["settings"], results["machine"]
+    lines = [f"SiT {m['model']}: depth {m['depth']}, width {m['hidden_size']}, patch {m['patch_size']}, "
+             f"{b['in_channels']}x{b['input_size']}x{b['input_size']} ({m['tokens']} tokens), "
+             f"{m['sit_params'] / 1e6:.2f}M params; batch {b['batch_size']}; {b['precision']}; {b['device']}, "
+             f"{mach['threads']} threads; torch {mach['torch']}"]
+    for c in m["configs"]:
+        if c["reg"] != "none":
+            lines.append(f"  {c['reg']}: block {c['reg_depth']}, {c['reg_params'] / 1e6:.2f}M training-only params"
+                         f"{c['detail']}")
+    return "\n".join(lines)
+
+
+def render(results: dict) -> str:
+    """The printed tables, one block per model, from results.json alone."""
+    b = results["settings"]
+    cpu = b["device"] == "cpu"
+    blocks = []
+    for m in results["models"]:
+        base_cfg = next((c for c in m["configs"] if c["reg"] == "none"), None)
+        base = statistics.median(base_cfg["step_s"]) if base_cfg else None
+        lines = [f"| --reg | ms/step (median of {b['steps']}) | min | ratio to none (medians) | "
+                 "paired ratio (median over rounds) | "
+                 + ("persistent MB | saved activations MB | step memory MB |" if cpu else "peak MB |")
+                 + " GFLOP per step: parts | GFLOP total | FLOP ratio to none |",
+                 "|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if cpu else "---:|") + "---|---:|---:|"]
+        for c in m["configs"]:
+            times, mem, parts = c["step_s"], c["memory_mb"], c["gflop"]
+            med = statistics.median(times)
+            label = c["reg"] if c["reg"] != "repulsor" else f"repulsor (K {b['bank_size']}, d {b['proj_dim']})"
+            ratio = f"{med / base:.3f}" if base else "-"
+            paired = f"{statistics.median(x / y for x, y in zip(times, base_cfg['step_s'])):.3f}" if base else "-"
+            memory = (f"{mem['persistent']:.0f} | {mem['activations']:.0f} | {mem['peak']:.0f}" if cpu
+                      else f"{mem['peak']:.0f}")
+            total = sum(parts.values())
+            lines.append(f"| {label} | {1000 * med:.0f} | {1000 * min(times):.0f} | {ratio} | {paired} | {memory} | "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+                         + f" | {total:.1f} | {total / parts['SiT']:.3f} |")  # the same SiT in every column
+        blocks += [model_header(results, m), "\n".join(lines)]
+        if "breakdown_s" in m:
+            lines = ["| Repulsor part (alone) | ms | share of none's median step |", "|---|---:|---:|"]
+            for name, sec in m["breakdown_s"]:
+                share = f"{100 * sec / base:.1f} %" if base else "-"
+                lines.append(f"| {name} | {1000 * sec:.1f} | {share} |")
+            blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def main() -> None:
     b = parse()
+    if b.report_only:
+        return report.rebuild(b.out, render, __file__)
     if b.threads:
         torch.set_num_threads(b.threads)
     device = torch.device(b.device)
+    results = {**report.meta(__file__, b, device), "models": []}
     for model in b.models:
-        run_model(b, model, device)
+        results["models"].append(run_model(b, model, device, results))
+    report.save(b.out, results, render)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/sampling.py                      # CPU-demo-sized model, 25 steps
     .venv/bin/python benchmarks/sampling.py --steps 250 --num-images 16
+    .venv/bin/python benchmarks/sampling.py --report-only        # reprint the tables from results.json
 
 1. images/s of `samplers.generate` (noise -> sampler -> decode -> uint8) for Euler ODE, Heun ODE
    and the Euler-Maruyama SDE at --steps, without and with guidance (--cfg-scale, which doubles
@@ -16,6 +17,9 @@
 4. Per-step SDE noise (`samplers.per_image_noise`): the host cost of one step's per-image draws
    for --noise-batch latents of --noise-shape (SD-VAE 256 px: 4 32 32), and on a GPU the copy
    from pageable memory (the old route) versus pinned memory with non_blocking=True.
+
+Writes OUT/results.json (the raw numbers, the settings, the machine) and OUT/table.md (the tables
+printed; benchmarks/report.py).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import report  # noqa: E402  (benchmarks/report.py: benchmarks/ is this script's directory)
 from models.sit import build_sit  # noqa: E402
 from sample_ddp import chunk_files, chunk_ranges, save_chunk, write_npz  # noqa: E402
 from samplers import SamplingSetup, generate, make_inputs, per_image_noise, sample, to_uint8  # noqa: E402
@@ -52,7 +57,7 @@ def make_setup(args: argparse.Namespace, dtype: torch.dtype = torch.float32) -> 
                          latent_shape=(c, args.input_size, args.input_size))
 
 
-def bench_sampling(args: argparse.Namespace) -> list[tuple]:
+def bench_sampling(args: argparse.Namespace) -> list[dict]:
     setup = make_setup(args)
     rows = []
     configs = [("ode", False, 1.0), ("ode", True, 1.0), ("sde", False, 1.0), ("sde", False, args.cfg_scale)]
@@ -63,10 +68,9 @@ def bench_sampling(args: argparse.Namespace) -> list[tuple]:
         for s in range(0, args.num_images, args.batch):
             generate(setup, None, range(s, min(s + args.batch, args.num_images)), **kw)
         seconds = time.perf_counter() - t0
-        nfe = (2 * args.steps - 1) if heun else args.steps
         name = f"{mode.upper()} {'Heun' if heun else ('Euler' if mode == 'ode' else 'Euler-Maruyama')}"
-        guide = f"{cfg:g} on [0, {args.guidance_high:g}]" if cfg != 1.0 else "1 (none)"
-        rows.append((name, args.steps, nfe, guide, args.num_images / seconds))
+        rows.append(dict(sampler=name, steps=args.steps, nfe=(2 * args.steps - 1) if heun else args.steps,
+                         cfg_scale=cfg, images=args.num_images, seconds=seconds))
     return rows
 
 
@@ -118,7 +122,7 @@ def bench_assembly(args: argparse.Namespace) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def bench_invariance(args: argparse.Namespace) -> list[tuple]:
+def bench_invariance(args: argparse.Namespace) -> list[dict]:
     rows = []
     n = args.invariance_images
     for dtype in (torch.float32, torch.float64):
@@ -135,23 +139,24 @@ def bench_invariance(args: argparse.Namespace) -> list[tuple]:
                                     guidance_high=args.guidance_high, generator=gens))
             zs.append(torch.cat(parts))
         diff = to_uint8(zs[0]).astype(int) - to_uint8(zs[1]).astype(int)
-        rows.append((str(dtype).removeprefix("torch."), (zs[0] - zs[1]).abs().max().item(), int((diff != 0).sum()),
-                     diff.size))
+        rows.append(dict(precision=str(dtype).removeprefix("torch."), max_abs_diff=(zs[0] - zs[1]).abs().max().item(),
+                         uint8_differing=int((diff != 0).sum()), uint8_values=diff.size))
     return rows
 
 
-def bench_noise(args: argparse.Namespace) -> list[tuple[str, float]]:
-    """Milliseconds per SDE step for the per-image noise of one batch (median of --noise-repeats)."""
+def bench_noise(args: argparse.Namespace) -> list[dict]:
+    """Milliseconds per SDE step for the per-image noise of one batch (each of --noise-repeats; the
+    table shows the median)."""
     shape, n = tuple(args.noise_shape), args.noise_batch
     gens = [torch.Generator().manual_seed(i) for i in range(n)]
 
-    def timed(fn) -> float:
+    def timed(fn) -> list[float]:
         times = []
         for _ in range(args.noise_repeats):
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2] * 1000
+            times.append((time.perf_counter() - t0) * 1000)
+        return times
 
     rows = [("draw on the host (per_image_noise to cpu)", timed(lambda: per_image_noise(gens, shape, "cpu")))]
     if torch.cuda.is_available():
@@ -170,7 +175,47 @@ def bench_noise(args: argparse.Namespace) -> list[tuple[str, float]]:
         rows.append(("GPU step + pageable copy (old)", timed(lambda: step(pageable))))
         rows.append(("GPU step + pinned non_blocking copy", timed(lambda: step(lambda: per_image_noise(gens, shape, dev)))))
         rows.append(("GPU step alone", timed(lambda: step(lambda: None))))
-    return rows
+    return [dict(route=name, ms=ms) for name, ms in rows]
+
+
+def render(results: dict) -> str:
+    """The printed tables, from results.json alone (a section appears when it was run)."""
+    a, m = results["settings"], results["machine"]
+    blocks = [f"torch {m['torch']}, {m['threads']} threads, model depth {a['depth']} width {a['hidden_size']} "
+              f"patch {a['patch_size']} on {a['channels']}x{a['input_size']}x{a['input_size']}, batch {a['batch']}"]
+    if "sampling" in results:
+        lines = ["| sampler | steps | NFE | CFG | images/s |", "|---|---|---|---|---|"]
+        for r in results["sampling"]:
+            guide = f"{r['cfg_scale']:g} on [0, {a['guidance_high']:g}]" if r["cfg_scale"] != 1.0 else "1 (none)"
+            lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {guide} | {r['images'] / r['seconds']:.2f} |")
+        blocks.append("\n".join(lines))
+    if "assembly" in results:
+        r = results["assembly"]
+        n, s = a["assembly_images"], a["image_size"]
+        via = r["write_png"] + r["read_png"]
+        blocks.append("\n".join([
+            f"| .npz of {n} images at {s} px | seconds | per 50k (extrapolated) |", "|---|---|---|",
+            f"| direct: chunks streamed into the .npz | {r['direct']:.2f} | {r['direct'] * 50000 / n / 60:.1f} min |",
+            f"| via PNG: write {n} PNGs | {r['write_png']:.2f} | {r['write_png'] * 50000 / n / 60:.1f} min |",
+            f"| via PNG: read back + np.savez | {r['read_png']:.2f} | {r['read_png'] * 50000 / n / 60:.1f} min |",
+            f"| via PNG: total | {via:.2f} | {via * 50000 / n / 60:.1f} min |"]))
+        blocks.append(f"(npz {r['npz_mb']:.0f} MiB, PNG files {r['png_mb']:.0f} MiB; "
+                      f"direct is {via / r['direct']:.0f}x faster)")
+    if "invariance" in results:
+        b1, b2 = a["invariance_batches"]
+        lines = [f"| precision | max abs diff of the {a['steps']}-step SDE output, batch {b1} vs {b2} "
+                 "| uint8 values differing |", "|---|---|---|"]
+        for r in results["invariance"]:
+            lines.append(f"| {r['precision']} | {r['max_abs_diff']:.1e} | "
+                         f"{r['uint8_differing']} of {r['uint8_values']} |")
+        blocks.append("\n".join(lines))
+    if "noise" in results:
+        shape = "x".join(map(str, a["noise_shape"]))
+        lines = [f"| per-step SDE noise, {a['noise_batch']} x {shape} | ms |", "|---|---|"]
+        for r in results["noise"]:
+            lines.append(f"| {r['route']} | {sorted(r['ms'])[len(r['ms']) // 2]:.2f} |")  # the median
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def main() -> None:
@@ -197,40 +242,19 @@ def main() -> None:
     p.add_argument("--tmp-dir", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--skip", nargs="*", default=[], choices=["sampling", "assembly", "invariance", "noise"])
+    report.add_args(p, "sampling")
     args = p.parse_args()
+    if args.report_only:
+        return report.rebuild(args.out, render, __file__)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model depth {args.depth} width "
-          f"{args.hidden_size} patch {args.patch_size} on {args.channels}x{args.input_size}x{args.input_size}, "
-          f"batch {args.batch}\n")
-    if "sampling" not in args.skip:
-        print("| sampler | steps | NFE | CFG | images/s |\n|---|---|---|---|---|")
-        for name, steps, nfe, guide, rate in bench_sampling(args):
-            print(f"| {name} | {steps} | {nfe} | {guide} | {rate:.2f} |")
-        print()
-    if "assembly" not in args.skip:
-        r = bench_assembly(args)
-        n, s = args.assembly_images, args.image_size
-        via = r["write_png"] + r["read_png"]
-        print(f"| .npz of {n} images at {s} px | seconds | per 50k (extrapolated) |\n|---|---|---|")
-        print(f"| direct: chunks streamed into the .npz | {r['direct']:.2f} | {r['direct'] * 50000 / n / 60:.1f} min |")
-        print(f"| via PNG: write {n} PNGs | {r['write_png']:.2f} | {r['write_png'] * 50000 / n / 60:.1f} min |")
-        print(f"| via PNG: read back + np.savez | {r['read_png']:.2f} | {r['read_png'] * 50000 / n / 60:.1f} min |")
-        print(f"| via PNG: total | {via:.2f} | {via * 50000 / n / 60:.1f} min |")
-        print(f"\n(npz {r['npz_mb']:.0f} MiB, PNG files {r['png_mb']:.0f} MiB; "
-              f"direct is {via / r['direct']:.0f}x faster)\n")
-    if "invariance" not in args.skip:
-        b1, b2 = args.invariance_batches
-        print(f"| precision | max abs diff of the {args.steps}-step SDE output, batch {b1} vs {b2} "
-              "| uint8 values differing |\n|---|---|---|")
-        for dtype, mx, ndiff, size in bench_invariance(args):
-            print(f"| {dtype} | {mx:.1e} | {ndiff} of {size} |")
-        print()
-    if "noise" not in args.skip:
-        print(f"| per-step SDE noise, {args.noise_batch} x {'x'.join(map(str, args.noise_shape))} | ms |\n|---|---|")
-        for name, ms in bench_noise(args):
-            print(f"| {name} | {ms:.2f} |")
+    results = report.meta(__file__, args, "cpu")  # the sampling runs on the CPU (the noise section also on a GPU)
+    for section, bench in (("sampling", bench_sampling), ("assembly", bench_assembly),
+                           ("invariance", bench_invariance), ("noise", bench_noise)):
+        if section not in args.skip:
+            print(f"{section}...", file=sys.stderr, flush=True)
+            results[section] = bench(args)
+    report.save(args.out, results, render)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@
     python benchmarks/train_throughput.py                       # small CPU model, eager/compile x fp32/bf16
     python benchmarks/train_throughput.py --model SiT-XL/2 --batch 32 --precisions bf16 --compile-modes eager compile
     python benchmarks/train_throughput.py --baseline /tmp/old-checkout   # paired: this step vs another version's
+    python benchmarks/train_throughput.py --report-only                  # reprint the table from results.json
 
 Data are random tensors already on the device (this measures the model step, not the loader).
 Each setting: warm-up steps (including the compile) excluded, then the median of timed steps.
 With --baseline DIR, the train.py step of the checkout in DIR runs on an identical model and batch,
 alternating step by step with ours, so the ratio stays meaningful on a loaded machine.
+Writes OUT/results.json (every timed step, the settings, the machine) and OUT/table.md (the table
+printed; benchmarks/report.py).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import report  # noqa: E402  (benchmarks/report.py: benchmarks/ is this script's directory)
 import train  # noqa: E402
 from loss import build_regulariser  # noqa: E402
 from models.sit import build_sit  # noqa: E402
@@ -36,6 +40,7 @@ def load_baseline(repo: str) -> ModuleType:
         raise SystemExit(f"error: --baseline {repo} has no train.py: pass the root of another checkout")
     spec = importlib.util.spec_from_file_location("baseline_train", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass in it looks its module up there
     spec.loader.exec_module(module)
     return module
 
@@ -87,8 +92,8 @@ class Stepper:
 
 
 def measure(train_flags: list[str], channels: int, size: int, num_classes: int, steps: int, warmup: int,
-            device: torch.device, baseline: ModuleType | None = None) -> tuple[float, float | None]:
-    """Median seconds per optimizer step of train.py's step (and of the baseline's, interleaved)."""
+            device: torch.device, baseline: ModuleType | None = None) -> tuple[list[float], list[float] | None]:
+    """Seconds of each timed optimizer step of train.py's step (and of the baseline's, interleaved)."""
     args = train.get_args(["--data-dir", "unused"] + train_flags)
     runners = [Stepper(train, args, channels, size, num_classes, device)]
     if baseline is not None:
@@ -96,8 +101,34 @@ def measure(train_flags: list[str], channels: int, size: int, num_classes: int, 
     for i in range(warmup + steps):
         for r in runners:
             r.step(timed=i >= warmup)
-    medians = [statistics.median(r.times) for r in runners]
-    return medians[0], (medians[1] if baseline is not None else None)
+    return runners[0].times, (runners[1].times if baseline is not None else None)
+
+
+def size_flags(s: dict) -> list[str]:
+    """The model flags of train.py, from the settings."""
+    return ["--model", s["model"]] + ([] if s["model"] != "custom" else [
+        "--depth", str(s["depth"]), "--hidden-size", str(s["hidden_size"]), "--num-heads", str(s["num_heads"]),
+        "--patch-size", str(s["patch_size"])])
+
+
+def render(results: dict) -> str:
+    """The printed table, from results.json alone."""
+    s, m = results["settings"], results["machine"]
+    paired = s["baseline"] is not None
+    extra = f", train.py flags {' '.join(s['extra'])}" if s["extra"] else ""
+    header = "| compile | precision | ms/step | steps/s | samples/s |"
+    rule = "|---|---|---|---|---|"
+    if paired:
+        header, rule = header + " baseline ms/step | ratio |", rule + "---|---|"
+    lines = [f"device {m['device']}, torch {m['torch']}, threads {m['threads']}, model {' '.join(size_flags(s))}, "
+             f"input {s['channels']}x{s['image_size']}x{s['image_size']}, batch {s['batch']}{extra}", header, rule]
+    for r in results["rows"]:
+        sec = r["median_s"]
+        row = f"| {r['compile']} | {r['precision']} | {1000 * sec:.0f} | {1 / sec:.2f} | {s['batch'] / sec:.0f} |"
+        if paired:
+            row += f" {1000 * r['baseline_median_s']:.0f} | {sec / r['baseline_median_s']:.3f} |"
+        lines.append(row)
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -117,26 +148,24 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--baseline", default=None, help="root of another checkout whose train.py step to compare with")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further train.py flags, e.g. --reg repulsor")
+    report.add_args(p, "train_throughput")  # --extra takes the rest of the line: put --out before it
     a = p.parse_args()
+    if a.report_only:
+        return report.rebuild(a.out, render, __file__)
     baseline = load_baseline(a.baseline) if a.baseline else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    size_flags = ["--model", a.model] + ([] if a.model != "custom" else [
-        "--depth", str(a.depth), "--hidden-size", str(a.hidden_size), "--num-heads", str(a.num_heads),
-        "--patch-size", str(a.patch_size)])
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, model {' '.join(size_flags)}, "
-          f"input {a.channels}x{a.image_size}x{a.image_size}, batch {a.batch}")
-    extra_cols = " baseline ms/step | ratio |" if baseline else ""
-    print(f"| compile | precision | ms/step | steps/s | samples/s |{extra_cols}\n|---|---|---|---|---|"
-          + ("---|---|" if baseline else ""))
+    results = {**report.meta(__file__, a, device), "rows": []}
     for mode in a.compile_modes:
         for prec in a.precisions:
-            flags = size_flags + ["--global-batch-size", str(a.batch), "--mixed-precision", prec] + (
+            flags = size_flags(vars(a)) + ["--global-batch-size", str(a.batch), "--mixed-precision", prec] + (
                 ["--compile"] if mode == "compile" else []) + a.extra
-            sec, base = measure(flags, a.channels, a.image_size, a.num_classes, a.steps, a.warmup, device, baseline)
-            row = f"| {mode} | {prec} | {1000 * sec:.0f} | {1 / sec:.2f} | {a.batch / sec:.0f} |"
+            times, base = measure(flags, a.channels, a.image_size, a.num_classes, a.steps, a.warmup, device, baseline)
+            row = {"compile": mode, "precision": prec, "median_s": statistics.median(times), "step_s": times}
             if base is not None:
-                row += f" {1000 * base:.0f} | {sec / base:.3f} |"
-            print(row, flush=True)
+                row.update(baseline_median_s=statistics.median(base), baseline_step_s=base)
+            results["rows"].append(row)
+            print(f"{mode} {prec}: {1000 * row['median_s']:.0f} ms/step", file=sys.stderr, flush=True)
+    report.save(a.out, results, render)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dataset import (MANIFEST, DataError, atomic_write_json, image_manifest_fields, make_manifest, shard_complete,
-                     shard_name, write_manifest, write_shard)
+from dataset import (IMAGE_PAIRS, MANIFEST, DataError, atomic_write_json, image_manifest_fields, make_manifest,
+                     shard_complete, shard_name, write_manifest, write_shard)
 from distributed import (DistInfo, Preempted, StopSignals, add_preempt_arg, any_rank, barrier, ignore_stop_signals,
                          init_distributed, run_stoppable)
 from preprocessing.images import FashionMNISTSource, ImageError, ImageFolderSource
@@ -86,8 +86,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flip", action="store_true",
                    help="also store a horizontally flipped copy of every image (item 2k+1 mirrors item 2k)")
     p.add_argument("--store-images", action="store_true",
-                   help="also keep each item's ADM-cropped uint8 image in its shard (image.npy; a flipped item "
-                        "gets the mirrored image): needed by train.py --reg repa, whose encoder sees pixels")
+                   help="also keep each item's ADM-cropped uint8 image in its shard (image.npy; with --flip one "
+                        "image per mirrored pair, which the flipped item reads mirrored): needed by train.py "
+                        "--reg repa, whose encoder sees pixels")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call, per rank")
     p.add_argument("--shard-size", type=int, default=0,
                    help=f"source images per shard; 0 = min({MAX_SHARD_SIZE}, what fits {SHARD_BYTES >> 20} MiB)")
@@ -289,6 +290,20 @@ def refuse_other_settings(run_path: str, config: dict, error: type[DataError], e
                     f"arguments to resume, or {elsewhere}")
 
 
+def refuse_old_image_layout(run_path: str, config: dict) -> None:
+    """An interrupted --flip --store-images run of an older encoder wrote one image per item; this one
+    writes one per pair (image_layout "pair"), so its shards would not mix."""
+    try:
+        with open(run_path) as f:
+            old = json.load(f)["config"]
+    except (OSError, ValueError, KeyError):
+        return  # refuse_other_settings names the unreadable file
+    if old.get("store_images") and old.get("flip") and "image_layout" not in old and config.get("image_layout"):
+        raise DataError(f"{os.path.dirname(run_path)!r} holds an interrupted --flip --store-images run of an older "
+                        "encoder, which stored a full mirrored image per flipped item; this one stores one image "
+                        "per pair: pass a fresh --out, or finish that run with the code that started it")
+
+
 def check_output(out: str, config: dict, info: DistInfo) -> None:
     """Create --out, prove it writable, and refuse to mix with a run that used other settings."""
     try:
@@ -301,6 +316,7 @@ def check_output(out: str, config: dict, info: DistInfo) -> None:
         raise DataError(f"output directory {out!r} is not writable ({e.strerror or e}): pass a writable --out") from None
     run_path = os.path.join(out, RUN_FILE)
     if os.path.isfile(run_path):
+        refuse_old_image_layout(run_path, config)
         refuse_other_settings(run_path, config, DataError, "a fresh --out")
     elif os.path.exists(os.path.join(out, MANIFEST)) or glob.glob(os.path.join(out, "shard-*")):
         raise DataError(f"{out!r} already holds a dataset not written by this encoder run: pass a fresh --out")
@@ -356,8 +372,8 @@ def encode_shards(source: Any, encoder: Encoder, out: str, todo: list[int], shar
                     mean = torch.stack([mean, fmean], 1).flatten(0, 1)
                     std = None if std is None else torch.stack([std, fstd], 1).flatten(0, 1)
                     lab = lab.repeat_interleave(2)
-                if args.store_images:  # the very pixels the latents came from, in item order
-                    pixels.append(torch.stack([images, images.flip(2)], 1).flatten(0, 1) if args.flip else images)
+                if args.store_images:  # the very pixels the latents came from; with --flip one per pair
+                    pixels.append(images)  # (row k: item 2k; item 2k+1 reads it mirrored, image_layout "pair")
                 means.append(mean.half())
                 stds.append(None if std is None else std.half())
                 labels.append(lab)
@@ -378,7 +394,7 @@ def encode_shards(source: Any, encoder: Encoder, out: str, todo: list[int], shar
         meta = dict(shard=shard, start=start, end=end, count=int(len(lab)), images=end - start - len(skipped),
                     skipped=skipped, sum=s1, sumsq=s2, elements_per_channel=int(len(lab)) * math.prod(latent_shape[1:]))
         try:
-            write_shard(out, shard, mean, std, lab, image)
+            write_shard(out, shard, mean, std, lab, image, image_pairs=args.flip)
             # The sidecar goes in after the rename: a shard without it is redone on resume.
             atomic_write_json(os.path.join(out, shard_name(shard), META_FILE), meta)
         except OSError as e:
@@ -461,9 +477,11 @@ def run(args: argparse.Namespace, argv: Sequence[str], stop: StopSignals | None 
     scale = scale if args.latent_scale is None else args.latent_scale
     shift = shift if args.latent_shift is None else args.latent_shift
     copies = 2 if args.flip else 1
-    # Bytes an item holds in RAM while its shard is assembled: fp16 mean + std, and the uint8 image.
-    item_bytes = 4 * math.prod(latent_shape) + (args.resolution ** 2 * source.channels if args.store_images else 0)
-    shard_size = args.shard_size or max(1, min(MAX_SHARD_SIZE, SHARD_BYTES // (copies * item_bytes)))
+    # Bytes a source image holds in RAM while its shard is assembled: fp16 mean + std of each of its
+    # items, and its uint8 image (once, also with --flip).
+    source_bytes = copies * 4 * math.prod(latent_shape) + (args.resolution ** 2 * source.channels
+                                                           if args.store_images else 0)
+    shard_size = args.shard_size or max(1, min(MAX_SHARD_SIZE, SHARD_BYTES // source_bytes))
     n = len(source)
     num_shards = math.ceil(n / shard_size)
 
@@ -474,6 +492,8 @@ def run(args: argparse.Namespace, argv: Sequence[str], stop: StopSignals | None 
                   latent_shape=list(latent_shape))  # not the batch size: resuming with a smaller one is fine
     if args.store_images:  # only when set: an older run.json (no such key) still resumes without it
         config["store_images"] = True
+        if args.flip:  # one image per mirrored pair (older runs stored one per item: not resumed)
+            config["image_layout"] = IMAGE_PAIRS
     out = args.out
     check_output(out, config, info)
     stop.marker = os.path.join(out, STOP_FILE)
@@ -510,7 +530,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], stop: StopSignals | None 
                  vae_config=None if vae is None else {k: v for k, v in dict(vae.config).items() if not k.startswith("_")},
                  ignored_files=list(getattr(source, "ignored", [])), argv=list(argv), args=vars(args))
     if args.store_images:
-        extra.update(image_manifest_fields((args.resolution, args.resolution, source.channels)))
+        extra.update(image_manifest_fields((args.resolution, args.resolution, source.channels), pairs=args.flip))
     if isinstance(source, FashionMNISTSource):
         extra["source_path"] = source.path
     manifest = finalize(out, num_shards, latent_shape, source, scale, shift, extra)

@@ -42,7 +42,7 @@ def test_convergence_report_table_and_plots(tmp_path):
     assert r.returncode == 0, r.stderr
     table = open(os.path.join(out, "table.md")).read().splitlines()
     assert table[0] == "| config | step 500 | step 1000 |"
-    assert [row.split(" |")[0] for row in table[2:5]] == ["| none", "| repulsor-tau0.2", "| repulsor"]  # references
+    assert [row.split(" |")[0] for row in table[2:4]] == ["| none", "| repulsor"]  # the references first
     assert "| repulsor-K0 | - | 162.0 ± 2.6 |" in table  # three seeds: mean ± sample std
     assert "| repulsor-K0 | - | +8.5 ± 1.5 |" in table  # paired with none only where none ran that seed
     assert os.path.isfile(os.path.join(out, "ablation.png"))
@@ -217,3 +217,45 @@ def test_committed_head_study_table_is_what_report_only_prints(tmp_path):
     readme = open(os.path.join(ROOT, "README.md")).read()
     rows = [line for line in table.splitlines() if line.startswith("| repulsor")]
     assert rows and all(line in readme for line in rows)
+
+
+def _gpu_run(method: str, fids: dict, steps: int, **metrics) -> dict:
+    rows = [{"step": s, "velocity": 0.3, **metrics} for s in range(50, steps + 1, 50)]
+    return {"status": "ok", "steps": steps, "fids": fids, "metrics": rows,
+            "config": {"reg": method, "temperature": 0.5}}
+
+
+def test_convergence_from_gpu_imports_runs_fids_and_health(tmp_path):
+    """--from-gpu takes a gpu_convergence.json's CONFIG-sSEED runs (FIDs per sampled step, health from the
+    metrics rows) into results.json exactly as run_all writes them; other runs and steps beyond --steps are
+    left out, and --report-only then reprints the same table."""
+    gpu = {"machine": {"name": "NVIDIA H200", "torch": "2.11.0", "date": "2026-12-04T18:15:00"}, "runs": {
+        "none-s0": _gpu_run("none", {"1000": 150.0, "2000": 120.0}, 2000),
+        "none-s1": _gpu_run("none", {"1000": 154.0, "2000": 124.0}, 2000),
+        "repulsor-s0": _gpu_run("repulsor", {"1000": 140.0, "2000": 118.0, "3000": 1.0}, 2000,
+                                reg=0.4, batch_cos_mean=-0.03, proj_eff_rank=20.0),
+        "repulsor-s1": _gpu_run("repulsor", {"1000": 146.0, "2000": 124.0}, 2000,
+                                reg=0.5, batch_cos_mean=-0.02, proj_eff_rank=18.0),
+        "dfm-s0": {"status": "error", "steps": 0, "metrics": []},  # not a rivals config: ignored
+        "w32-none-s0": _gpu_run("none", {"1000": 300.0}, 1000),  # another study's run: ignored
+    }}
+    path = tmp_path / "gpu_convergence.json"
+    path.write_text(json.dumps(gpu))
+    out = str(tmp_path / "rivals")
+    r = subprocess.run([sys.executable, "benchmarks/convergence.py", "--study", "rivals", "--steps", "2000",
+                        "--out", out, "--from-gpu", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["repulsor-s1/2000"] == {"config": "repulsor", "seed": 1, "step": 2000, "fid": 124.0}
+    assert "repulsor-s0/3000" not in results and not any(k.startswith(("dfm", "w32")) for k in results)
+    health = results["repulsor-s0/health"]  # over the second half, steps 1000-2000
+    assert health["batch_cos_mean_max"] == -0.03 and health["proj_eff_rank_min"] == 20.0
+    assert abs(health["reg_gap_to_collapse_min"] - 1.6) < 1e-9  # |0.4 - 1/0.5|
+    table = open(os.path.join(out, "table.md")).read()
+    assert "| none | 152.0 ± 2.0 | 122.0 ± 2.0 |" in table
+    assert "| repulsor | -9.0 ± 1.0 | -1.0 ± 1.0 |" in table.split("FID minus none's")[1]  # paired per seed
+    assert "Runs: gpu_convergence.json: trained on NVIDIA H200 (torch 2.11.0, 2026-12-04), FID on the CPU." in table
+    assert os.path.isfile(os.path.join(out, "rivals.png"))
+    r = _report(out, "--study", "rivals", "--steps", "2000")
+    assert r.returncode == 0, r.stderr
+    assert open(os.path.join(out, "table.md")).read() == table

@@ -196,26 +196,127 @@ def test_pickles_paths_only_and_worker_processes_read_the_same_items(tmp_path):
             assert torch.equal(m, wm) and torch.equal(s, ws) and y == wy, context
 
 
-def test_open_files_bounded_independent_of_shard_count(tmp_path):
-    mean, std, labels = _arrays(80, (1, 2, 2))
-    write_dataset(str(tmp_path), mean, std, labels, num_classes=7, shard_size=2)  # 40 shards
-    base = _n_open_fds()
-    ds = LatentDataset(str(tmp_path))
-    assert _n_open_fds() == base  # construction reads headers and closes them again
-    peak = base
-    for i in np.random.default_rng(0).permutation(len(ds)).tolist() + list(range(len(ds))):
-        mu, sd, y = ds[i]
-        assert np.array_equal(mu.numpy(), mean[i]) and np.array_equal(sd.numpy(), std[i]) and y == labels[i]
+def _image_shards(tmp_path, shards=20, per_shard=4):
+    """`shards` small shards with images (4 files each)."""
+    n = shards * per_shard
+    mean, std, labels = _arrays(n, (1, 2, 2))
+    images = np.random.default_rng(1).integers(0, 256, (n, 3, 3, 3), dtype=np.uint8)
+    write_dataset(str(tmp_path), mean, std, labels, num_classes=7, shard_size=per_shard, images=images)
+    return mean, std, labels, images
+
+
+def _read_all_twice(ds, mean, images, seed=0):
+    """Every item in random order, twice; checks the values and returns the peak of open descriptors
+    and the order."""
+    rng = np.random.default_rng(seed)
+    peak = _n_open_fds()
+    order = rng.permutation(len(ds)).tolist() + rng.permutation(len(ds)).tolist()
+    for i in order:
+        mu, _, _, image = ds[i]
+        assert np.array_equal(mu.numpy(), mean[i]) and np.array_equal(image.numpy(), images[i])
         peak = max(peak, _n_open_fds())
-    assert peak - base <= 3 * 8, peak - base  # at most 8 shards x 3 files, not 40 x 3
+    return peak, order
+
+
+def _lru_misses(shards, capacity):
+    cache, misses = [], 0
+    for s in shards:
+        if s in cache:
+            cache.remove(s)
+        else:
+            misses += 1
+            cache = cache[-(capacity - 1):] if capacity > 1 else []
+        cache.append(s)
+    return misses
+
+
+def test_each_shard_file_is_opened_once_under_random_access(tmp_path):
+    import pickle
+
+    mean, std, labels, images = _image_shards(tmp_path)  # 20 shards x 4 files
+    base = _n_open_fds()
+    ds = LatentDataset(str(tmp_path), with_images=True)
+    assert _n_open_fds() == base and ds.file_opens == 0  # construction reads headers and closes them again
+    peak, _ = _read_all_twice(ds, mean, images)
+    assert ds.file_opens == 20 * 4 and peak - base == 20 * 4 == _n_open_fds() - base
+    copy = pickle.loads(pickle.dumps(ds))  # no descriptors, no counts travel: a worker opens its own
+    assert copy.file_opens == 0 and not copy._open and _n_open_fds() - base == 80
+    assert np.array_equal(copy[5][3].numpy(), images[5]) and copy.file_opens == 4
+    copy.close()
     ds.close()
     assert _n_open_fds() == base
-    small = LatentDataset(str(tmp_path), max_open_shards=1)
+    ds[0]
+    assert ds.file_opens == 84  # closed files reopen on the next read
+
+
+def test_explicit_max_open_shards_bounds_open_files(tmp_path):
+    mean, std, labels, images = _image_shards(tmp_path)
+    base = _n_open_fds()
+    for bound in (3, 1):
+        ds = LatentDataset(str(tmp_path), max_open_shards=bound, with_images=True)
+        peak, order = _read_all_twice(ds, mean, images)
+        assert peak - base == 4 * bound, (bound, peak - base)  # an LRU of `bound` shards x 4 files
+        misses = _lru_misses([i // 4 for i in order], bound)
+        assert ds.file_opens == 4 * misses and misses > 100, misses  # random access over 20 shards mostly misses
+        del ds
+        assert _n_open_fds() == base
+    # Without images: 3 files a shard, 40 shards.
+    mean, std, labels = _arrays(80, (1, 2, 2))
+    write_dataset(str(tmp_path / "plain"), mean, std, labels, num_classes=7, shard_size=2)
+    small = LatentDataset(str(tmp_path / "plain"), max_open_shards=2)
+    peak = base
     for i in range(len(small)):
-        small[i]
-    assert _n_open_fds() - base <= 3
-    del small
+        mu, sd, y = small[i]
+        assert np.array_equal(mu.numpy(), mean[i]) and y == labels[i]
+        peak = max(peak, _n_open_fds())
+    assert peak - base == 2 * 3 and small.file_opens == 40 * 3  # in order: each shard once
+    small.close()
     assert _n_open_fds() == base
+
+
+def test_default_raises_a_low_soft_fd_limit(tmp_path):
+    import resource
+
+    mean, std, labels, images = _image_shards(tmp_path)  # needs 80 descriptors
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 160:
+        pytest.skip(f"hard open-file limit {hard} < 160")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (120, hard))  # 80 > 120 / 2: too low for all of them
+    try:
+        base = _n_open_fds()
+        ds = LatentDataset(str(tmp_path), with_images=True)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (160, hard)  # twice the need, up to the hard limit
+        peak, _ = _read_all_twice(ds, mean, images)
+        assert ds.file_opens == 80 and peak - base == 80
+        ds.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_default_keeps_what_fits_under_a_low_hard_fd_limit(tmp_path, monkeypatch):
+    import resource
+
+    import dataset
+
+    mean, std, labels, images = _image_shards(tmp_path)
+    calls = []
+    monkeypatch.setattr(resource, "setrlimit", lambda *a: calls.append(a))
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (64, 64))  # soft == hard: nothing to raise
+    base = _n_open_fds()
+    with pytest.warns(UserWarning, match=r"20 shards x 4 files need 80 open files, more than half the open-file "
+                                         r"limit \(ulimit -n: 64, hard limit 64\): keeping at most 8 shards open"):
+        ds = LatentDataset(str(tmp_path), with_images=True)
+    assert calls == []
+    peak, order = _read_all_twice(ds, mean, images)
+    assert peak - base == 8 * 4 and ds.file_opens == 4 * _lru_misses([i // 4 for i in order], 8) > 80  # 32 fds
+    ds.close()
+    # An unlimited hard limit the kernel refuses to reach (fs.nr_open): the same fallback.
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (40, resource.RLIM_INFINITY))
+    monkeypatch.setattr(resource, "setrlimit", lambda *a: (calls.append(a), (_ for _ in ()).throw(OSError("EPERM"))))
+    assert dataset.open_shard_budget(20, 4)[0] == 5  # 40 / 2 descriptors: 5 shards of 4 files
+    assert calls == [(resource.RLIMIT_NOFILE, (160, resource.RLIM_INFINITY))]
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (1000, 1000))  # fits in half: all, and no message
+    assert dataset.open_shard_budget(20, 4) == (20, None)
 
 
 def _rewrite_labels(data_dir: str, shard: str, labels) -> None:

@@ -93,6 +93,26 @@ def test_gpu_convergence_dry_run(convergence_out):
     assert sorted(os.listdir(out)) == ["gpu_convergence.json", "gpu_convergence.md", "gpu_convergence_samples.npz"]
 
 
+def test_gpu_convergence_sample_at_and_run_budgets(tmp_path):
+    """The demo-protocol session (benchmarks/gpu_session.sh demo): runs with their own --max-steps, each sampled
+    at every --sample-at step it has a checkpoint of, one npz array per run and step."""
+    _run(["benchmarks/gpu_convergence.py", "--dry-run", "--out", str(tmp_path), "--sample-at", "2", "4",
+          "--runs", "none-s0=--reg none --seed 0", "repulsor-s1=--reg repulsor --seed 1 --max-steps 2"])
+    data = _load(tmp_path, "gpu_convergence")
+    assert data["errors"] == []
+    runs = data["runs"]
+    assert runs["none-s0"]["status"] == "ok" and runs["none-s0"]["steps"] == 4
+    assert runs["repulsor-s1"]["status"] == "ok" and runs["repulsor-s1"]["steps"] == 2  # its own budget
+    assert runs["repulsor-s1"]["config"]["seed"] == 1  # a run's flags come last and win
+    assert sorted(runs["none-s0"]["samples"]) == ["2", "4"] and sorted(runs["repulsor-s1"]["samples"]) == ["2"]
+    assert all(s["status"] == "ok" for r in runs.values() for s in r["samples"].values())
+    with np.load(tmp_path / "gpu_convergence_samples.npz") as f:
+        assert sorted(f.files) == ["none-s0@2", "none-s0@4", "reference", "repulsor-s1@2"]
+        assert f["none-s0@4"].shape == (16, 32, 32)
+    md = open(tmp_path / "gpu_convergence.md").read()
+    assert "| none-s0 | ok | 4 |" in md and "step 2 | FID (--fid-from on CPU) step 4 |" in md
+
+
 @pytest.mark.skipif(os.environ.get("RUN_FID_TESTS") != "1", reason="slow (a 2048 x 2048 sqrtm): RUN_FID_TESTS=1")
 def test_gpu_convergence_fid_from(convergence_out, tmp_path):
     """FID on the CPU from the returned files, for one run."""

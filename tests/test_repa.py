@@ -18,7 +18,7 @@ from PIL import Image
 import encoders
 from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import TINY_MODEL, run_train
-from dataset import DataError, LatentDataset, data_fingerprint, fingerprint_mismatch, write_dataset
+from dataset import DataError, LatentDataset, data_fingerprint, fingerprint_mismatch, read_manifest, write_dataset
 from loss import REPA, Context, build_regulariser, needs_images, repa_image_size, repa_loss
 from models.sit import build_sit
 from preprocessing import encode
@@ -243,28 +243,152 @@ def test_no_images_is_a_one_line_error_and_the_fingerprint_knows(repa_files):
 
 
 def test_encode_store_images_flips_and_refuses_to_mix(tmp_path, capsys):
+    """--flip --store-images keeps one image per mirrored pair (image_layout "pair"); item 2k+1 reads
+    it mirrored, bit for bit what the per-item layout stored. Unreadable images leave a shard short
+    (a2, b1) or empty (b1, b2), and the last shard holds one image: every shard still holds pairs."""
     root = tmp_path / "images"
     rng = np.random.default_rng(1)
-    for cls in ("a", "b"):
+    sizes = {"a": ((20, 24), (40, 32), None), "b": ((17, 17), None, None, (24, 18))}  # None: unreadable
+    for cls, wh in sizes.items():
         os.makedirs(root / cls)
-        for k, (w, h) in enumerate(((20, 24), (40, 32), (17, 17))):
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / cls / f"{k}.png")
+        for k, size in enumerate(wh):
+            if size is None:
+                (root / cls / f"{k}.png").write_bytes(b"not a png")
+            else:
+                pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / cls / f"{k}.png")
     out = str(tmp_path / "enc")
     argv = ["--data-path", str(root), "--vae", "none", "--resolution", "16", "--flip", "--shard-size", "2",
             "--workers", "0", "--out", out]
     assert encode.main(argv + ["--store-images"]) == 0
     ds = LatentDataset(out, with_images=True)
-    assert len(ds) == 12 and ds.manifest["image_shape"] == [16, 16, 3]
+    m = ds.manifest
+    assert m["image_layout"] == "pair" and m["image_shape"] == [16, 16, 3] and m["num_skipped"] == 3
+    assert [s["count"] for s in m["shards"]] == [4, 2, 0, 2] and len(ds) == 8
     src = ImageFolderSource(str(root), 16)
-    for j in range(6):
-        mean, _, label, image = ds[2 * j]
-        fmean, _, flabel, fimage = ds[2 * j + 1]
+    good = [0, 1, 3, 6]  # source items that decode: a/0, a/1, b/0, b/3
+    for s in m["shards"]:  # half the rows of the per-item layout: one image per pair
+        assert np.load(os.path.join(out, s["name"], "image.npy")).shape == (s["count"] // 2, 16, 16, 3)
+    assert np.array_equal(np.concatenate([np.load(os.path.join(out, s["name"], "image.npy")) for s in m["shards"]]),
+                          np.stack([src.load(j) for j in good]))
+    plain = LatentDataset(out)
+    for k, j in enumerate(good):
+        mean, std, label, image = ds[2 * k]
+        fmean, fstd, flabel, fimage = ds[2 * k + 1]
         assert np.array_equal(image.numpy(), src.load(j)) and label == flabel == src.label(j)
-        assert torch.equal(fimage, image.flip(1))  # the flipped item carries the mirrored image
+        mirror = src.load(j)[:, ::-1]
+        assert np.array_equal(fimage.numpy(), mirror) and fimage.is_contiguous()  # what the old layout stored
+        assert not np.array_equal(fimage.numpy(), image.numpy())
+        # The latents are as before: the pixels of the image and of its mirror, each encoded.
+        assert torch.equal(((mean.float() + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0), image)
         assert torch.equal(((fmean.float() + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0), fimage)
+        for a, b in ((plain[2 * k], (mean, std, label)), (plain[2 * k + 1], (fmean, fstd, flabel))):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+    again = pickle.loads(pickle.dumps(ds))  # what a spawn DataLoader worker receives
+    assert torch.equal(again[7][3], ds[7][3])
+    assert np.array_equal(again[7][3].numpy(), src.load(6)[:, ::-1])
     capsys.readouterr()
     assert encode.main(argv) == 2  # the same --out without --store-images: refused, not mixed
-    assert "different settings (store_images" in capsys.readouterr().err
+    assert "different settings (image_layout, store_images" in capsys.readouterr().err
+
+
+def test_encode_refuses_to_resume_an_old_layout_flip_images_run(tmp_path, capsys):
+    """An interrupted --flip --store-images run begun before the pair layout (one image per item) is
+    not resumed into mixed shards."""
+    root = tmp_path / "images"
+    os.makedirs(root / "a")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "a" / "0.png")
+    out = str(tmp_path / "enc")
+    argv = ["--data-path", str(root), "--vae", "none", "--resolution", "16", "--flip", "--store-images",
+            "--workers", "0", "--out", out, "--stop-after-shards", "1"]
+    assert encode.main(argv) == encode.STOP_EXIT_CODE
+    run_file = os.path.join(out, "run.json")
+    run = json.load(open(run_file))
+    assert run["config"].pop("image_layout") == "pair"
+    json.dump(run, open(run_file, "w"))  # as the older encoder wrote it
+    capsys.readouterr()
+    assert encode.main(argv[:-2]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "holds an interrupted --flip --store-images run of an older encoder" in err
+    assert err.endswith("pass a fresh --out, or finish that run with the code that started it")
+
+
+def _flipped_images(n_pairs: int, size: int = 8, seed: int = 0):
+    """A flipped dataset in arrays: latents, labels, each pair's image and the per-item images."""
+    rng = np.random.default_rng(seed)
+    pairs = rng.integers(0, 256, (n_pairs, size, size, 3), dtype=np.uint8)
+    per_item = np.stack([pairs, pairs[:, :, ::-1]], 1).reshape(2 * n_pairs, size, size, 3)
+    mean = rng.standard_normal((2 * n_pairs, 1, 4, 4)).astype(np.float16)
+    labels = np.repeat(rng.integers(0, 3, n_pairs), 2)
+    return mean, labels, pairs, per_item
+
+
+def test_pair_and_item_image_layouts_read_the_same_items(tmp_path):
+    """A dataset written before the pair layout (one image per item, no image_layout in its manifest)
+    reads exactly as before, and as the same data in the pair layout reads."""
+    mean, labels, pairs, per_item = _flipped_images(15)
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    m_old = write_dataset(old, mean, None, labels, num_classes=3, shard_size=8, images=per_item, flip=True)
+    m_new = write_dataset(new, mean, None, labels, num_classes=3, shard_size=8, images=pairs, image_pairs=True)
+    assert "image_layout" not in m_old and m_new["image_layout"] == "pair" and m_new["flip"] is True
+    assert np.load(os.path.join(old, "shard-00003", "image.npy")).shape == (6, 8, 8, 3)
+    assert np.load(os.path.join(new, "shard-00003", "image.npy")).shape == (3, 8, 8, 3)
+    assert data_fingerprint(m_old) == data_fingerprint(m_new)  # the same items: the same identity
+    a, b = LatentDataset(old, with_images=True), LatentDataset(new, with_images=True)
+    for i in range(30):
+        x, y = a[i], b[i]
+        assert np.array_equal(x[3].numpy(), per_item[i]) and np.array_equal(y[3].numpy(), per_item[i]), i
+        assert torch.equal(x[0], y[0]) and x[2] == y[2] == labels[i]
+    assert not np.array_equal(per_item[1], per_item[0])  # the mirror is a different image
+    with pytest.raises(DataError, match="image_pairs needs images, an even item count and shard size"):
+        write_dataset(str(tmp_path / "odd"), mean, None, labels, num_classes=3, shard_size=7, images=pairs,
+                      image_pairs=True)
+
+
+def test_truncated_or_mismatched_pair_images_are_one_line_errors(tmp_path):
+    mean, labels, pairs, per_item = _flipped_images(10)
+    d = str(tmp_path / "d")
+    write_dataset(d, mean, None, labels, num_classes=3, shard_size=8, images=pairs, image_pairs=True)
+    path = os.path.join(d, "shard-00001", "image.npy")
+    size = os.path.getsize(path)  # header + 4 rows of 8 x 8 x 3
+    with open(path, "r+b") as f:
+        f.truncate(size - 1)
+    with pytest.raises(DataError) as e:
+        LatentDataset(d, with_images=True)
+    assert one_line(e) == (f"corrupt or truncated shard file {path}: {size - 1} bytes, its header needs {size}: "
+                           "re-run preprocessing to rewrite it")
+    LatentDataset(d)  # without images the file is not even read
+    # The per-item layout's file (n rows) under a manifest that says "pair": a shape error, not mirrored garbage.
+    np.save(path, per_item[8:16])
+    with pytest.raises(DataError, match=r"corrupt shard file \S*shard-00001.image.npy: shape \(8, 8, 8, 3\), "
+                                        r"manifest says \(4, 8, 8, 3\)") as e:
+        LatentDataset(d, with_images=True)
+    one_line(e)
+    np.save(path, pairs[4:8])
+    ds = LatentDataset(d, with_images=True, max_open_shards=1)
+    assert np.array_equal(ds[13][3].numpy(), per_item[13])
+    with open(path, "r+b") as f:  # truncated after opening: rows 0..1 survive
+        f.truncate(size - 2 * 8 * 8 * 3)
+    assert np.array_equal(ds[11][3].numpy(), per_item[11])
+    with pytest.raises(DataError, match=r"shard-00001.image.npy ends before row 2 \(item 5\): it was truncated"):
+        ds[13]
+    np.save(path, pairs[4:8])
+    _edit_manifest(d, shards=[{**s, "count": c} for s, c in zip(read_manifest(d)["shards"], (7, 9, 4))])
+    with pytest.raises(DataError, match="shard-00000 holds 7 items, an odd number, but image_layout 'pair'") as e:
+        LatentDataset(d, with_images=True)
+    one_line(e)
+    _edit_manifest(d, image_layout="tiles")
+    with pytest.raises(DataError, match="has image_layout 'tiles', this code reads 'pair' or none"):
+        LatentDataset(d, with_images=True)
+
+
+def _edit_manifest(data_dir: str, **changes) -> None:
+    path = os.path.join(data_dir, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    m.update(changes)
+    with open(path, "w") as f:
+        json.dump(m, f)
 
 
 # ----------------------------------------------------------------------------- training
@@ -374,7 +498,7 @@ def test_overhead_benchmark_counts_and_runs_repa(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--model", "custom",
                            "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--patch-size", "4",
                            "--input-size", "8", "--batch-size", "4", "--bank-size", "64", "--proj-hidden", "32",
-                           "--steps", "1", "--warmup", "0", "--threads", "1"],
+                           "--steps", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path / "overhead")],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
