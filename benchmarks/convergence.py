@@ -116,6 +116,13 @@ def study_configs(a: argparse.Namespace) -> dict[str, list[str]]:
     return MAIN
 
 
+def study_names(a: argparse.Namespace, configs: dict) -> list[str]:
+    """The rows of a study's tables: its reference runs first (the ablation's baseline and base, today's
+    default; the plain runs beside the noise-pair runs), then its configs."""
+    names = {"ablation": ["none", "repulsor"], "pairs": ["none", "repulsor"], "heads": ["none"]}.get(a.study, [])
+    return names + [n for n in configs if n not in names]
+
+
 def known_configs(a: argparse.Namespace) -> dict[str, list[str]]:
     widths = sorted({*SCALE_WIDTHS, *a.widths})
     scale = dict(scale_config(w, reg) for w in widths for reg in (*SCALE_REGS, "dispersive"))
@@ -253,7 +260,7 @@ def import_gpu(a: argparse.Namespace, configs: dict, results: dict, path: str) -
                                  "FID on the CPU"}
     for exp, r in data.get("runs", {}).items():
         name, _, seed = exp.rpartition("-s")
-        if name not in configs or not seed.isdigit():
+        if name not in study_names(a, configs) or not seed.isdigit():
             continue
         for step, fid in sorted((r.get("fids") or {}).items(), key=lambda kv: int(kv[0])):
             if int(step) <= a.steps:
@@ -373,9 +380,7 @@ def report(a: argparse.Namespace, configs: dict, results: dict) -> None:
     scale study, scale_tables); one plot."""
     from plots import plot_fid_bars, plot_fid_curves, plot_paired_vs_params
 
-    # ablation rows beside the references: the baseline and the ablation's base, today's default
-    names = {"ablation": ["none", "repulsor"], "pairs": ["none", "repulsor"], "heads": ["none"]}.get(a.study, [])
-    names += [n for n in configs if n not in names]
+    names = study_names(a, configs)
     baseline = "pairs-none" if a.study == "pairs" else "none"
     source = results.get("meta", {}).get("source")
     health = {k: r for k, r in results.items() if k.endswith("/health")}

@@ -273,7 +273,10 @@ def collect_run(g, report: Report, name: str, p: subprocess.Popen, wall: float, 
     config = os.path.join(run_dir, "config.json")
     if os.path.isfile(config):
         run["config"] = json.load(open(config)).get("args")
-    if stopped:
+    if stopped and steps >= run_steps(g, g.runs[name]):  # trained in full, then still running at the deadline
+        run["status"] = "ok; stopped by the budget after its last step"
+        run["log_tail"] = tail(run["log"], 8)
+    elif stopped:
         run["status"] = f"stopped: budget at step {steps}"
         run["log_tail"] = tail(run["log"], 8)  # the work directory goes: keep what the run was doing
     elif p.returncode == 0 and steps >= run_steps(g, g.runs[name]):
