@@ -142,6 +142,21 @@ def test_memory_report_tables_and_claim(tmp_path):
     assert os.path.isfile(os.path.join(out, "memory.png"))
 
 
+def test_committed_memory_table_is_what_report_only_prints(tmp_path):
+    """The committed GMem benchmark (benchmarks/results/memory/) is reprinted exactly by --report-only from its
+    results.json, and every FID and memorisation row of it is in docs/benchmarks.md."""
+    committed = os.path.join(ROOT, "benchmarks", "results", "memory")
+    with open(os.path.join(committed, "results.json")) as f, open(tmp_path / "results.json", "w") as g:
+        g.write(f.read())
+    r = _memory(str(tmp_path), "--report-only")
+    assert r.returncode == 0, r.stderr
+    table = (tmp_path / "table.md").read_text()
+    assert table == open(os.path.join(committed, "table.md")).read()
+    docs = open(os.path.join(ROOT, "docs", "benchmarks.md")).read()
+    rows = [line for line in table.splitlines() if line.startswith(("| class", "| memory-"))]
+    assert rows and all(line in docs for line in rows)
+
+
 def test_memory_flag_errors_come_before_any_work(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
