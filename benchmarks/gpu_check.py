@@ -223,6 +223,18 @@ class Report:
         threading.Thread(target=watch, daemon=True).start()
 
 
+def report_only(out_dir: str, name: str, render) -> None:
+    """Rewrite OUT/NAME.md from OUT/NAME.json (the committed tables are checked this way); exit 2 without it."""
+    path = os.path.join(out_dir, f"{name}.json")
+    if not os.path.isfile(path):
+        sys.exit(f"error: {path} does not exist: run without --report-only first (or pass --out)")
+    with open(path) as f:
+        text = render(json.load(f))
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def stop_process(p: subprocess.Popen, grace_s: float = 10) -> None:
     """End a subprocess started with start_new_session=True, and its own children (SIGTERM, then SIGKILL)."""
     if p.poll() is not None:
@@ -267,6 +279,7 @@ def parse() -> argparse.Namespace:
                         "(default: auto; the dry run: random, the path the GPU machine takes)")
     p.add_argument("--skip", nargs="*", default=[], help="section names to skip")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-only", action="store_true", help="only rewrite --out's gpu_check.md from its JSON")
     g = p.parse_args()
     g.out = g.out or default_out()
     g.inception_weights = g.inception_weights or ("random" if g.dry_run else "auto")
@@ -1040,6 +1053,8 @@ def ratio(a, b):
 
 def main() -> None:
     g = parse()
+    if g.report_only:
+        return report_only(g.out, "gpu_check", render)
     report = Report(g.out, "gpu_check", g.budget_s, render)
     report.data["batch"] = g.batch
     report.start_watchdog()

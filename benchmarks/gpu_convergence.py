@@ -51,7 +51,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-from gpu_check import Report, log, md_table, stop_process  # noqa: E402  (benchmarks/)
+from gpu_check import Report, log, md_table, report_only, stop_process  # noqa: E402  (benchmarks/)
 
 MODEL = ["--model", "custom", "--depth", "12", "--hidden-size", "384", "--num-heads", "6", "--patch-size", "2"]
 DRY_MODEL = ["--model", "custom", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--patch-size", "8"]
@@ -106,6 +106,7 @@ def parse() -> argparse.Namespace:
     g.add_argument("--fid-ref", type=int, default=None, help="reference images (default: all)")
     g.add_argument("--fid-runs", nargs="+", default=None, help="only these runs (default: every run in the npz)")
     g.add_argument("--fid-device", default="cpu")
+    p.add_argument("--report-only", action="store_true", help="only rewrite --out's gpu_convergence.md from its JSON")
     a = p.parse_args()
     a.out = a.out or os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results", "gpu")
     a.runs = parse_runs(p, a.runs)
@@ -481,6 +482,8 @@ def fid_main(g) -> None:
 
 def main() -> None:
     g = parse()
+    if g.report_only:
+        return report_only(g.out, "gpu_convergence", render)
     if g.fid_from:
         return fid_main(g)
     report = Report(g.out, "gpu_convergence", g.budget_s, render)

@@ -32,3 +32,17 @@ def test_smoke_and_full_demo_never_share_data_or_run_directories():
     assert set(demo.data_dirs(smoke)).isdisjoint(demo.data_dirs(full))
     assert (smoke.out, full.out) == ("results/demo-smoke", "results/demo")
     assert demo.data_dirs(full) == (os.path.join("data", "fmnist-train"), os.path.join("data", "fmnist-test"))
+
+
+def test_readme_quotes_the_committed_demo_results():
+    """The README's demo FIDs and pictures are the committed record of a full `python demo.py` run
+    (benchmarks/results/demo/results.json), so its numbers can be checked without re-running it."""
+    committed = os.path.join(ROOT, "benchmarks", "results", "demo")
+    results = json.load(open(os.path.join(committed, "results.json")))
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert sorted(results["fid"], key=int) == ["800", "1600"]
+    for step, fid in results["fid"].items():
+        assert f"{fid:.1f} at step {step}" in readme, (step, fid)
+    assert results["args"]["steps"] == 1600 and not results["args"]["smoke"]
+    for png in ("samples.png", "loss_curve.png", "fid_vs_step.png"):
+        assert f"benchmarks/results/demo/{png}" in readme and os.path.getsize(os.path.join(committed, png)) > 1000

@@ -141,3 +141,24 @@ def test_committed_gpu_tables_are_rendered_from_the_committed_json():
             data = json.load(f)
         with open(os.path.join(base, sub, f"{name}.md")) as f:
             assert module.render(data) == f.read(), (sub, name)
+
+
+@pytest.mark.parametrize("record", ["gpu_check", "s2/gpu_convergence", "heads/gpu_convergence",
+                                    "demo/gpu_convergence"])
+def test_committed_gpu_tables_are_what_report_only_prints(tmp_path, record):
+    """Each committed GPU record's markdown (what the README and docs quote) is rebuilt exactly from its JSON."""
+    committed = os.path.join(ROOT, "benchmarks", "results", "gpu", f"{record}.json")
+    name = os.path.basename(record)
+    with open(committed) as f, open(tmp_path / f"{name}.json", "w") as g:
+        g.write(f.read())
+    r = subprocess.run([sys.executable, f"benchmarks/{name}.py", "--report-only", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / f"{name}.md").read_text() == open(committed[:-len(".json")] + ".md").read()
+
+
+def test_gpu_report_only_without_a_record_is_a_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/gpu_convergence.py", "--report-only", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == (f"error: {tmp_path}/gpu_convergence.json does not exist: "
+                                                      "run without --report-only first (or pass --out)")
